@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` (the whole pipeline on the bundled sample)
+# and `make test` (the test suite). Both create .venv and install into it when missing.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install first; the default is a real release (CPU wheel where one is
+# provided locally, CUDA from PyPI elsewhere). Override e.g. TORCH='torch==2.13.0+cu128'.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash benchmarks/run_all.sh
+
+clean:
+	rm -rf $(VENV) out runs

@@ -1,0 +1,1 @@
+"""Offline data preparation: documents -> sentences -> tokens -> BERT pairs -> Arrow shards."""

@@ -1,0 +1,32 @@
+"""Tokenizer identity shared by data prep (written to the manifest) and the distiller (checked)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+
+SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """Load a local Hugging Face fast tokenizer; refuse slow (Python) tokenizers."""
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: no fast tokenizer (tokenizer.json) found; a fast tokenizer is required")
+    return tokenizer
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """Ids of [CLS], [SEP], [PAD], [MASK], [UNK] (or their RoBERTa/MPNet equivalents)."""
+    return {name: getattr(tokenizer, f"{name}_id", None) for name in SPECIAL_TOKENS}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the special ids.
+
+    Two tokenizers with the same fingerprint map every text to the same ids, so shards built
+    with one can be fed to a teacher that uses the other."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), "special": special_ids(tokenizer)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -1,0 +1,1 @@
+"""Distillation pipeline: models, objectives, the DeepSpeed engine, export, finetune, report."""
