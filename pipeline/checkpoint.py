@@ -1,0 +1,106 @@
+"""Checkpoints of a distillation run: DeepSpeed engine state + trainer state + per-rank RNG states.
+
+Layout (CHECKPOINTS = OUTPUT/checkpoints):
+    step-00001000/   DeepSpeed files (mp_rank_00_model_states.pt, layer_*_expert_*_model_states.pt,
+                     *_optim_states.pt), trainer_state.json (step, data cursor, layout, configs),
+                     rng-rank00000.pt ... (one per rank), tokenizer/ (so the checkpoint exports alone)
+    latest           the tag of the newest COMPLETE checkpoint, replaced atomically after every rank wrote
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the step uses: torch CPU (dropout, router noise on CPU), the accelerator's, Python's."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device_state = None if accelerator.device_name() == "cpu" else accelerator.get_rng_state()
+    return {"torch": torch.get_rng_state(), "accelerator": device_state, "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    torch.set_rng_state(state["torch"])
+    if state["accelerator"] is not None:
+        get_accelerator().set_rng_state(state["accelerator"])
+    random.setstate(state["python"])
+
+
+def latest_tag(root: Path) -> str | None:
+    """The newest complete checkpoint's tag under `root`, or None."""
+    pointer = Path(root) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+    path = Path(step_dir) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; {step_dir} is not a complete minimoe checkpoint")
+    return json.loads(path.read_text())
+
+
+def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer, keep: int) -> Path:
+    """Write checkpoint `step` on every rank (collective), then point `latest` at it and keep the newest `keep`."""
+    root, tag, rank = Path(root), tag_for(step), dist.get_rank()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # ends with a barrier
+    step_dir = root / tag
+    torch.save(rng_state(), step_dir / f"rng-rank{rank:05d}.pt")
+    if rank == 0:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(step_dir / "tokenizer"))
+        _write_atomic(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+    dist.barrier()  # every rank's files are on disk: only now is the checkpoint complete
+    if rank == 0:
+        _write_atomic(root / LATEST, tag)
+        done = sorted(d for d in root.glob("step-*") if d.name <= tag)
+        unfinished = [d for d in root.glob("step-*") if d.name > tag]  # left by a run that died mid-save
+        for old in done[:-keep] + unfinished:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return step_dir
+
+
+def resume(engine, root: Path, layout: dict[str, Any], student: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Load the latest checkpoint under `root` into `engine`; -> (trainer state, exact).
+
+    `student`: this run's StudentConfig dict; the checkpoint's must match it up to ep_size.
+
+    Same layout (world size, ep_size, ZeRO stage, precision): the full state and this rank's RNG,
+    so training continues exactly. Another layout: weights only (DeepSpeed cannot reshard ZeRO
+    optimizer state), exact=False and the optimizer starts afresh."""
+    tag = latest_tag(root)
+    if tag is None:
+        raise FileNotFoundError(f"{Path(root) / LATEST}: no such file; nothing to resume (run without --resume)")
+    state = read_trainer_state(Path(root) / tag)
+    if {**state["student"], "ep_size": 0} != {**student, "ep_size": 0}:
+        raise ValueError(f"{Path(root) / tag}: the checkpoint's student {state['student']} differs from this run's {student}")
+    exact = state["layout"] == layout
+    engine.load_checkpoint(str(root), tag=tag, load_module_only=not exact)
+    if exact:
+        rng_file = Path(root) / tag / f"rng-rank{dist.get_rank():05d}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state, exact

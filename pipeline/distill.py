@@ -1,0 +1,503 @@
+"""minimoe-distill: task-agnostic distillation of a frozen teacher into a MiniLM / MiniMoE student.
+
+The script the deepspeed launcher starts on every rank (./launch.sh distill ... wraps it). The student
+learns the teacher's Q-Q, K-K and V-V self-attention relations of one layer (MiniLMv2; Zhang et al.
+2023, Sec. 3) on the DeepSpeed engine: ZeRO 0/1/2, fp32/bf16/fp16 from the DeepSpeed config, MoE
+layers with expert parallelism (--ep-size). Checkpoints resume exactly (--resume).
+
+Config precedence: defaults < --config FILE (JSON of the fields below) < command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline import checkpoint
+from pipeline.data import ShardDataset, ShardLoader
+
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs; saved in every checkpoint."""
+
+    teacher: str = ""
+    """Teacher model dir: a local Hugging Face encoder (BERT, RoBERTa, MPNet, ...) or an exported student (teacher assistant chain). Required."""
+    shards: str = ""
+    """Shard dir written by `python -m data_prep build` with the teacher's tokenizer. Required."""
+    output: str = "runs/distill"
+    """Run dir: checkpoints/, tensorboard/, metrics.jsonl."""
+    teacher_layer: int = -1
+    """Teacher layer whose relations are distilled (0-based, negative from the end): the last for base-sized teachers, an upper-middle one for large teachers (MiniLMv2)."""
+    relation_heads: int = 32
+    """Relation heads R that Q, K and V are split into (32 for base-sized teachers, 48 for large ones); teacher and student hidden sizes must divide by it."""
+    student: str = "3L384H"
+    """Student size preset (pipeline.model.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 12L384H, 12L768H)."""
+    student_config: str | None = None
+    """A student config.json (any StudentConfig fields) used instead of the preset; the shape flags below still override it."""
+    layers: int | None = None
+    """Student layers (default: the preset's or the config file's)."""
+    hidden: int | None = None
+    """Student hidden size (default: the preset's or the config file's)."""
+    heads: int | None = None
+    """Student attention heads (default: the preset's or the config file's; the paper keeps 12)."""
+    experts: int | None = None
+    """Experts per FFN: 1 = MiniLM (dense), 4 = MiniMoE (default with a preset; the file's value with --student-config)."""
+    ep_size: int = 1
+    """Expert-parallel degree: the experts of every MoE layer are spread over this many ranks; must divide the experts and the world size."""
+    deepspeed_config: str = str(DS_CONFIGS / "zero2.json")
+    """DeepSpeed config (ZeRO stage, precision, communication); see ds_configs/README.md. Batch size, optimizer, schedule and clipping come from the flags here."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0 = derive from --epochs."""
+    epochs: float = 5.0
+    """Passes over the shards when --max-steps is 0 (the paper: 5)."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro batches per optimizer step; global batch = micro batch x grad accum x ranks (the paper: 1024)."""
+    lr: float = 3e-4
+    """Peak learning rate of AdamW (the paper: 3e-4)."""
+    warmup: float = 0.01
+    """Fraction of the steps with linear warmup, then linear decay to 0 (the paper: 1%)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices and embeddings; biases and LayerNorm weights get none (the paper: 0.01)."""
+    max_grad_norm: float = 5.0
+    """Gradient clipping by global norm (the paper: 5)."""
+    seed: int = 42
+    """Seed of the student's initialisation, the data order and the router noise."""
+    log_every: int = 10
+    """Steps between metrics.jsonl / TensorBoard records (means over the interval)."""
+    save_every: int = 1000
+    """Steps between checkpoints (one is also written at the end)."""
+    keep: int = 3
+    """Checkpoints kept (the newest)."""
+    resume: bool = False
+    """Continue from OUTPUT/checkpoints/latest (exactly, on the same layout; weights only on another world size or ep_size)."""
+    collapse_threshold: float = 0.05
+    """Warn when an expert receives less than this share of a MoE layer's tokens over --collapse-window steps."""
+    collapse_window: int = 100
+    """Steps over which expert shares are summed for the collapse warning."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "teacher": (self.teacher != "", "is required"),
+            "shards": (self.shards != "", "is required"),
+            "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),
+            "grad_accum": (self.grad_accum >= 1, "must be >= 1"),
+            "max_steps": (self.max_steps >= 0, "must be >= 0"),
+            "epochs": (self.epochs > 0, "must be > 0"),
+            "warmup": (0 <= self.warmup < 1, "must be in [0, 1)"),
+            "ep_size": (self.ep_size >= 1, "must be >= 1"),
+            "log_every": (self.log_every >= 1, "must be >= 1"),
+            "save_every": (self.save_every >= 1, "must be >= 1"),
+            "keep": (self.keep >= 1, "must be >= 1"),
+            "collapse_window": (self.collapse_window >= 1, "must be >= 1"),
+        }
+        for name, (ok, message) in checks.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {message} (got {getattr(self, name)!r})")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (Python keeps none at run time, so read the source)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: " ".join(doc.value.value.split())
+            for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+
+FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    return FIELD_TYPES[str(field.type).replace(" | None", "")]
+
+
+def parse_config(argv: list[str] | None = None) -> DistillConfig:
+    """defaults < --config FILE < flags; unknown or mistyped keys are errors."""
+    parser = argparse.ArgumentParser(prog="minimoe-distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file of the fields below (snake_case keys)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    docs = field_docs(DistillConfig)
+    for field in dataclasses.fields(DistillConfig):
+        flag, kind = "--" + field.name.replace("_", "-"), _field_type(field)
+        helptext = f"{docs[field.name]} (default: {field.default})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext)
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict[str, Any] = {}
+    if args.get("config"):
+        values = read_config_file(Path(args["config"]))
+    values.update({k: v for k, v in args.items() if k != "config"})
+    return DistillConfig(**values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config: {e}") from None
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"{path}: unknown field {key!r}; known: {sorted(fields)}")
+        kind = _field_type(fields[key])
+        ok = value is None and "None" in str(fields[key].type) or isinstance(value, kind) and not (
+            kind is not bool and isinstance(value, bool)) or kind is float and isinstance(value, int)
+        if not ok:
+            raise ValueError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}")
+    return values
+
+
+# Keys of a DeepSpeed config that the distiller sets from its own flags (one place per idea).
+OWNED_DS_KEYS = {
+    "train_batch_size": "--micro-batch-size / --grad-accum", "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--grad-accum", "gradient_clipping": "--max-grad-norm",
+    "optimizer": "--lr / --weight-decay", "scheduler": "--lr / --warmup",
+}
+
+
+def deepspeed_config(cfg: DistillConfig) -> dict[str, Any]:
+    """The DeepSpeed config file, checked, with batch size and clipping from `cfg`."""
+    from deepspeed.accelerator import get_accelerator
+
+    path = Path(cfg.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the DeepSpeed config: {e}") from None
+    for key, flag in OWNED_DS_KEYS.items():
+        if key in ds:
+            raise ValueError(f"{path}: {key!r} is set by minimoe-distill ({flag}); remove it from the DeepSpeed config")
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(f"{path}: ZeRO stage 3 is not supported: DeepSpeed's MoE layer does not work with it "
+                         f"(Native DeepSpeed MoE is not supported with ZeRO Stage 3); use ZeRO 0, 1 or 2 "
+                         f"(ds_configs/zero2.json)")
+    accelerator = get_accelerator()
+    if ds.get("fp16", {}).get("enabled") and not accelerator.is_fp16_supported():
+        raise ValueError(f"{path}: fp16 is not supported on the {accelerator.device_name()} accelerator; "
+                         f"use bf16 (ds_configs/zero2-bf16.json) or fp32 (ds_configs/zero2.json)")
+    return {**ds, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum, "gradient_clipping": cfg.max_grad_norm}
+
+
+def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+
+
+def student_config(cfg: DistillConfig, tokenizer):
+    """The StudentConfig: preset or file, shape flags, the teacher's vocabulary, ep_size."""
+    from pipeline.model import StudentConfig
+
+    shape = {"num_layers": cfg.layers, "hidden_size": cfg.hidden, "num_heads": cfg.heads, "num_experts": cfg.experts}
+    overrides = {k: v for k, v in shape.items() if v is not None}
+    overrides.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                     cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, ep_size=cfg.ep_size)
+    if cfg.student_config is None:
+        return StudentConfig.from_preset(cfg.student, **{"num_experts": 4, **overrides})
+    values = StudentConfig.load(cfg.student_config).to_dict()
+    if cfg.hidden is not None and cfg.hidden != values["hidden_size"]:
+        values["intermediate_size"] = None  # back to 4 x the new hidden size
+    return StudentConfig.from_dict({**values, **overrides}, source=cfg.student_config)
+
+
+def build_student(config, seed: int):
+    """The student with the same initial weights whatever ep_size: build all experts once (same seed on
+    every rank), keep this rank's. Without this, every expert-parallel rank would draw the same local
+    experts, and expert e and e + E/ep_size would start identical."""
+    from pipeline.model import Student, localize_experts
+
+    torch.manual_seed(seed)
+    full = Student(dataclasses.replace(config, ep_size=1))
+    if config.ep_size == 1:
+        return full
+    student = Student(config)
+    student.load_state_dict(localize_experts(full.state_dict(), config))
+    return student
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups, decay on matrices and embeddings only (BERT recipe), split into MoE / non-MoE
+    groups as DeepSpeed requires (expert gradients are reduced over the expert-data-parallel group)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup over `warmup_steps` (reaching 1 at the last warmup step), then linear decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+class RouterStats:
+    """Mean router entropy per MoE layer (nats, of softmax(router logits) before noise, real tokens),
+    from forward hooks on DeepSpeed's gates; read and reset with `take`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        from deepspeed.moe.sharded_moe import TopKGate
+
+        gates = [m for m in model.modules() if isinstance(m, TopKGate)]
+        self.sums = torch.zeros(len(gates), 2, device=device)  # (L, [entropy sum, tokens])
+        for layer, gate in enumerate(gates):
+            gate.register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer: int):
+        def hook(gate, args, output):
+            tokens, used = args[0], args[1]  # (S, H), (S,) 1.0 = real token
+            with torch.no_grad():
+                log_p = F.log_softmax(F.linear(tokens.float(), gate.wg.weight.float()), dim=-1)  # (S, E)
+                entropy = -(log_p.exp() * log_p).sum(-1)
+                self.sums[layer, 0] += (entropy * used).sum()
+                self.sums[layer, 1] += used.sum()
+        return hook
+
+    def take(self) -> torch.Tensor:
+        sums, self.sums = self.sums, torch.zeros_like(self.sums)
+        return sums
+
+
+def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router: RouterStats) -> dict[str, torch.Tensor]:
+    """One optimizer step over grad_accum micro batches -> this step's sums over all ranks:
+    'parts' (loss, qq, kk, vv, aux; means over micro batches and ranks), 'tokens', 'experts' (L, E)
+    token counts, 'router' (L, 2) entropy sums and tokens."""
+    from pipeline.objectives import minilm_relation_loss
+
+    parts, counts = torch.zeros(5, device=engine.device), None
+    tokens = torch.zeros((), device=engine.device)
+    for _ in range(cfg.grad_accum):
+        batch = {k: v.to(engine.device) for k, v in loader.next_batch().items()}
+        teacher_qkv = teacher(**batch)  # (B, T, Ht) x3, inference mode, only up to the distilled layer
+        out = engine(**batch)
+        loss, logged = minilm_relation_loss(out.qkv, teacher_qkv, batch["attention_mask"], cfg.relation_heads,
+                                            aux_loss=out.aux_loss)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary only
+        parts += torch.stack([logged[k].float() for k in ("loss", "qq", "kk", "vv", "aux")]) / cfg.grad_accum
+        tokens += batch["attention_mask"].sum()
+        step_counts = torch.stack([c.float() for c in out.expert_counts]) if out.expert_counts else None
+        counts = step_counts if counts is None else counts + step_counts
+    flat = [parts / dist.get_world_size(), tokens[None], router.take().flatten()]
+    if counts is not None:
+        flat.append(counts.flatten())
+    reduced = torch.cat(flat)
+    dist.all_reduce(reduced)  # sums over ranks; also makes a non-finite loss visible on every rank alike
+    layers = router.sums.size(0)
+    return {"parts": reduced[:5], "tokens": reduced[5], "router": reduced[6:6 + 2 * layers].view(layers, 2),
+            "experts": reduced[6 + 2 * layers:].view(layers, -1) if layers else None}
+
+
+class RunLog:
+    """Rank 0's records: metrics.jsonl and TensorBoard every --log-every steps; the router-collapse warning."""
+
+    def __init__(self, cfg: DistillConfig, output: Path, start_step: int, engine, bar):
+        self.cfg, self.engine, self.bar, self.rank = cfg, engine, bar, dist.get_rank()
+        self.window: deque[torch.Tensor] = deque(maxlen=cfg.collapse_window)
+        self.collapsed: set[tuple[int, int]] = set()
+        self._reset(time.perf_counter())
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_step + 1)
+            self.jsonl = output / "metrics.jsonl"
+            kept = [line for line in (self.jsonl.read_text().splitlines() if self.jsonl.exists() else [])
+                    if json.loads(line)["step"] <= start_step]  # drop records of steps after the resumed checkpoint
+            self.jsonl.write_text("".join(line + "\n" for line in kept))
+
+    def _reset(self, now: float) -> None:
+        self.steps, self.since, self.sums = 0, now, None
+
+    def record(self, step: int, samples_seen: int, stats: dict[str, torch.Tensor]) -> None:
+        values = torch.cat([stats["parts"], stats["tokens"][None]]).cpu()
+        self.sums = values if self.sums is None else self.sums + values
+        self.steps += 1
+        if stats["experts"] is not None:
+            self.window.append(stats["experts"].cpu())
+            self.check_collapse(step)
+        router = stats["router"].cpu()
+        self.router = router if self.steps == 1 else self.router + router
+        if step % self.cfg.log_every == 0:
+            self.flush(step, samples_seen)
+
+    def flush(self, step: int, samples_seen: int) -> None:
+        now = time.perf_counter()
+        means = self.sums[:5] / self.steps
+        record = {"step": step, **dict(zip(("loss", "qq", "kk", "vv", "aux"), means.tolist())),
+                  "lr": self.engine.get_lr()[0], "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                  "tokens_per_s": float(self.sums[5]) / (now - self.since), "samples": samples_seen}
+        if self.window:
+            shares = self.window[-1] / self.window[-1].sum(-1, keepdim=True).clamp_min(1)  # (L, E), last step
+            record["expert_shares"] = [[round(s, 4) for s in layer] for layer in shares.tolist()]
+            record["router_entropy"] = (self.router[:, 0] / self.router[:, 1].clamp_min(1)).tolist()
+        self._reset(now)
+        if self.rank != 0:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key in ("loss", "qq", "kk", "vv", "aux", "lr", "grad_norm", "tokens_per_s", "samples"):
+            self.writer.add_scalar(f"train/{key}", record[key], step)
+        for layer, shares in enumerate(record.get("expert_shares", [])):
+            self.writer.add_scalars(f"experts/layer{layer}", {f"expert{e}": s for e, s in enumerate(shares)}, step)
+            self.writer.add_scalar(f"router_entropy/layer{layer}", record["router_entropy"][layer], step)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def check_collapse(self, step: int) -> None:
+        """Warn once per (layer, expert) when its token share over the full window is under the threshold."""
+        if len(self.window) < self.window.maxlen:
+            return
+        counts = torch.stack(list(self.window)).sum(0)  # (L, E)
+        shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        for layer, expert in (shares < self.cfg.collapse_threshold).nonzero().tolist():
+            if (layer, expert) not in self.collapsed and self.rank == 0:
+                self.bar.write(f"warning: step {step}: router collapse? MoE layer {layer} expert {expert} got "
+                               f"{shares[layer, expert]:.1%} of the tokens over the last {len(self.window)} steps "
+                               f"(shares {[round(s, 3) for s in shares[layer].tolist()]})", file=sys.stderr)
+        self.collapsed = {tuple(x) for x in (shares < self.cfg.collapse_threshold).nonzero().tolist()}
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.writer.close()
+
+
+def set_cpu_threads() -> None:
+    """Split the cores between the ranks of this node (the launcher leaves OMP_NUM_THREADS unset unless it binds cores)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", 1))))
+
+
+def distill(cfg: DistillConfig) -> None:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from tqdm import tqdm
+
+    from pipeline.teacher import Teacher
+    from data_prep.tokenizer import tokenizer_fingerprint
+
+    ds = deepspeed_config(cfg)
+    if get_accelerator().device_name() == "cpu":
+        set_cpu_threads()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % cfg.ep_size:
+        raise ValueError(f"--ep-size {cfg.ep_size} does not divide the world size {world}")
+
+    teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.teacher_layer, dtype=compute_dtype(ds))
+    if teacher.tokenizer is None:
+        raise ValueError(f"{cfg.teacher}: the teacher dir has no tokenizer files; the shards' tokenizer cannot be checked")
+    shards = ShardDataset(cfg.shards)
+    shards.check_fingerprint(tokenizer_fingerprint(teacher.tokenizer), cfg.teacher)
+    config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
+    for name, size in (("teacher", teacher.hidden_size), ("student", config.hidden_size)):
+        if size % cfg.relation_heads:
+            raise ValueError(f"--relation-heads {cfg.relation_heads} does not divide the {name} hidden size {size}")
+
+    student = build_student(config, cfg.seed)
+    loader = ShardLoader(shards, cfg.micro_batch_size, rank, world, cfg.seed)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    samples_per_epoch = len(shards) // (cfg.micro_batch_size * world) * cfg.micro_batch_size * world  # see ShardLoader
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * samples_per_epoch / global_batch)
+    warmup_steps = round(cfg.warmup * total_steps)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+    teacher.to(engine.device)
+    router = RouterStats(engine.module, engine.device)
+
+    output = Path(cfg.output)
+    root = output / "checkpoints"
+    layout = {"world_size": world, "ep_size": cfg.ep_size, "zero_stage": engine.zero_optimization_stage(),
+              "dtype": str(compute_dtype(ds))}
+    step = 0
+    if cfg.resume:
+        state, exact = checkpoint.resume(engine, root, layout, config.to_dict())
+        step = state["step"]
+        loader.load_state_dict(state["data"])
+        if not exact:
+            schedule.last_epoch = step  # the schedule continues from the step; AdamW moments start at zero
+            for group, base in zip(optimizer.param_groups, schedule.base_lrs):
+                group["lr"] = base * lr_factor(step, warmup_steps, total_steps)
+            torch.manual_seed(cfg.seed + 1 + rank + step)
+            if rank == 0:
+                print(f"warning: resumed the weights of {state['tag']} only: optimizer state was reset, because the "
+                      f"checkpoint's layout {state['layout']} differs from this run's {layout}", file=sys.stderr)
+    else:
+        if checkpoint.latest_tag(root) is not None:
+            raise ValueError(f"{root}: already holds checkpoints; pass --resume to continue, or choose another --output")
+        torch.manual_seed(cfg.seed + 1 + rank)  # per-rank dropout and router noise
+        random.seed(cfg.seed + 1 + rank)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        print(f"distilling {cfg.teacher} (layer {teacher.layer}) -> student {config.num_layers}L;{config.hidden_size}H "
+              f"x{config.num_experts} experts (ep_size {cfg.ep_size}) on {world} rank(s), {len(shards)} samples, "
+              f"global batch {global_batch}, {total_steps} steps from step {step}", file=sys.stderr)
+
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
+    log = RunLog(cfg, output, step, engine, bar)
+    def trainer_state() -> dict[str, Any]:
+        return {"tag": checkpoint.tag_for(step), "data": loader.state_dict(), "layout": layout,
+                "student": config.to_dict(), "config": dataclasses.asdict(cfg)}
+
+    while step < total_steps:
+        stats = train_step(engine, teacher, loader, cfg, router)
+        step += 1
+        if not torch.isfinite(stats["parts"]).all():
+            names = ("loss", "qq", "kk", "vv", "aux")
+            raise FloatingPointError(f"non-finite loss at step {step}: " + ", ".join(
+                f"{n}={v:g}" for n, v in zip(names, stats["parts"].tolist())) + "; lower --lr or check the data")
+        log.record(step, loader.cursor.samples_seen, stats)
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == total_steps:
+            checkpoint.save(engine, root, step, trainer_state(), teacher.tokenizer, cfg.keep)
+    bar.close()
+    log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = parse_config(argv)
+        distill(cfg)
+        code = 0
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        code = 2 if not isinstance(e, FloatingPointError) else 1
+    # A clean shutdown on every rank: without it some finished gloo runs abort in the destructor
+    # ("terminate called without an active exception") and the launcher reports a failure.
+    if dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

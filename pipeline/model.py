@@ -1,0 +1,523 @@
+"""MiniLM / MiniMoE students: a BERT-style encoder whose FFNs are dense or DeepSpeed MoE blocks.
+
+One code path for dense and MoE students: every layer's FFN returns (output, aux loss, expert counts);
+the dense FFN returns a zero aux loss and no counts. MoE blocks are DeepSpeed's classic
+`deepspeed.moe.layer.MoE` with one expert = one dense FFN of the student's size, so a MiniMoE student
+has the dense student's per-token compute and ~E x its FFN parameters (paper Sec. 3.2). Expert
+parallelism is applied from outside: build with `config.ep_size = N`, then `deepspeed.initialize`
+creates the expert-parallel groups. With ep_size 1 no process group is needed at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STUDENT_MODEL_TYPE = "minimoe-student"
+# "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight" -> prefix, expert id, suffix
+EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
+
+
+@dataclass
+class StudentConfig:
+    """Shape and MoE settings of a student; round-trips through config.json (unknown keys are errors)."""
+
+    num_layers: int = 6
+    """Transformer layers."""
+    hidden_size: int = 384
+    """Hidden size H; every layer's input and output width."""
+    num_heads: int = 12
+    """Attention heads; head size = hidden_size / num_heads (the paper keeps 12 heads for every student)."""
+    intermediate_size: int | None = None
+    """FFN inner width (of the dense FFN and of each expert); None -> 4 x hidden_size."""
+    vocab_size: int = 30522
+    """Token vocabulary; take it from the teacher's tokenizer (`from_preset(..., tokenizer=tok)`)."""
+    max_position_embeddings: int = 512
+    """Learned absolute positions."""
+    type_vocab_size: int = 2
+    """Segment (token type) embeddings: A and B of a [CLS] A [SEP] B [SEP] pair."""
+    pad_token_id: int = 0
+    """[PAD] id of the tokenizer."""
+    cls_token_id: int = 101
+    """[CLS] id of the tokenizer (the sequence classification head pools this position, index 0)."""
+    sep_token_id: int = 102
+    """[SEP] id of the tokenizer."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's value)."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention probabilities and residual branches (training only)."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of linear and embedding weights (BERT's value)."""
+    num_experts: int = 1
+    """Experts per FFN: 1 = dense MiniLM student, 4 = MiniMoE (the paper's default)."""
+    top_k: int = 1
+    """Experts each token is routed to (the paper: top-1)."""
+    capacity_factor: float = 1.0
+    """Expert capacity = capacity_factor x tokens / experts; used only when drop_tokens is True."""
+    drop_tokens: bool = False
+    """Drop tokens above an expert's capacity (GShard style); False routes every token (the default)."""
+    router_noise: str | None = "RSample"
+    """Router noise during training: "RSample" (Gumbel noise on the routing logits), "Jitter"
+    (multiplicative input jitter) or None. Without noise a toy run collapsed a layer onto one expert."""
+    ep_size: int = 1
+    """Expert-parallel degree (ranks sharing one layer's experts); experts must divide by it. A saved model
+    always holds all experts, and loads with ep_size 1 unless told otherwise."""
+    aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss (Switch/GShard l_aux) summed over MoE layers."""
+    ffn_ranks: dict[str, int] | None = None
+    """Low-rank FFN matrices (written by pipeline.compress): FFN Linear path (a key of
+    `Student.ffn_linears()`, e.g. "layers.0.ffn.fc1") -> rank r; that Linear(in, out) becomes
+    LowRankLinear: Linear(in, r, bias=False) then Linear(r, out). None = all full-rank."""
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        checks = {
+            "hidden_size": self.hidden_size % self.num_heads == 0,
+            "num_experts": self.num_experts >= 1 and self.num_experts % self.ep_size == 0,
+            "top_k": 1 <= self.top_k <= min(2, self.num_experts),
+            "router_noise": self.router_noise in (None, "RSample", "Jitter"),
+            "ep_size": self.ep_size >= 1,
+        }
+        messages = {
+            "hidden_size": f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}",
+            "num_experts": f"num_experts {self.num_experts} must be >= 1 and a multiple of ep_size {self.ep_size}",
+            "top_k": f"top_k {self.top_k} must be 1 or 2 and <= num_experts {self.num_experts}",
+            "router_noise": f"router_noise {self.router_noise!r} must be 'RSample', 'Jitter' or null",
+            "ep_size": f"ep_size {self.ep_size} must be >= 1",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"StudentConfig.{name}: {messages[name]}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": STUDENT_MODEL_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "StudentConfig":
+        values = {k: v for k, v in values.items() if k != "model_type"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown StudentConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, tokenizer=None, **overrides: Any) -> "StudentConfig":
+        """A size preset (STUDENT_PRESETS), with vocabulary and special ids from `tokenizer` if given."""
+        if name not in STUDENT_PRESETS:
+            raise ValueError(f"unknown student preset {name!r}; known: {sorted(STUDENT_PRESETS)}")
+        values = dict(STUDENT_PRESETS[name])
+        if tokenizer is not None:
+            values.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StudentConfig":
+        """Read a config.json (a model dir's or a standalone student config file)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        with open(file) as f:
+            values = json.load(f)
+        values.pop("task_head", None)
+        return cls.from_dict(values, source=str(file))
+
+
+# The paper's students (Table 1/2; 12 heads each) and its teacher assistants ("w/ TA").
+STUDENT_PRESETS: dict[str, dict[str, int]] = {
+    "6L384H": dict(num_layers=6, hidden_size=384),
+    "4L384H": dict(num_layers=4, hidden_size=384),
+    "3L384H": dict(num_layers=3, hidden_size=384),
+    "4L192H": dict(num_layers=4, hidden_size=192),
+    "12L384H": dict(num_layers=12, hidden_size=384),  # teacher assistant of BERT-base students
+    "12L768H": dict(num_layers=12, hidden_size=768),  # BERT-base shape (teacher assistant of BERT-large)
+}
+
+
+def is_student_dir(path: str | os.PathLike) -> bool:
+    """True when `path/config.json` describes one of our students (not a Hugging Face model)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return False
+    with open(file) as f:
+        return json.load(f).get("model_type") == STUDENT_MODEL_TYPE
+
+
+@dataclass
+class StudentOutput:
+    last_hidden_state: torch.Tensor
+    """(B, T, H) output of the last layer."""
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """Q, K, V projections (B, T, H) each, before the head split, of layer `qkv_layer` (None if not asked)."""
+    aux_loss: torch.Tensor
+    """Scalar: aux_loss_weight x sum of the MoE layers' load-balancing losses (0 for a dense student)."""
+    expert_counts: list[torch.Tensor] = field(default_factory=list)
+    """Per MoE layer, (E,) tokens routed to each expert on this process (real tokens, before any drop)."""
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x (B, T, H), key_mask (B, 1, 1, T) bool, True = attend -> (B, T, H), (q, k, v) each (B, T, H)."""
+        B, T, H = x.shape
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        heads = [t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(*heads, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.output(y.transpose(1, 2).reshape(B, T, H)), (q, k, v)
+
+
+class LowRankLinear(nn.Module):
+    """A rank-r factorisation of Linear(in, out): x -> up(down(x)), e.g. a truncated SVD of its weight."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class FeedForward(nn.Module):
+    """The dense FFN, and one expert of an MoE FFN."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def moe_feed_forward(config: StudentConfig, num_experts: int | None = None) -> nn.Module:
+    """DeepSpeed's classic MoE block with `num_experts` copies of FeedForward (re-initialised by Student)."""
+    from deepspeed.moe.layer import MoE  # imported here: importing deepspeed costs ~3 s
+
+    return MoE(config.hidden_size, FeedForward(config), num_experts=num_experts or config.num_experts,
+               ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
+               eval_capacity_factor=config.capacity_factor, min_capacity=0, noisy_gate_policy=config.router_noise,
+               drop_tokens=config.drop_tokens, use_rts=config.drop_tokens)
+
+
+class TransformerLayer(nn.Module):
+    """Post-LayerNorm BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = moe_feed_forward(config) if config.is_moe else FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
+        """-> x (B, T, H), (q, k, v), aux loss (scalar), expert counts (E,) or None."""
+        attended, qkv = self.attention(x, key_mask)
+        x = self.attention_norm(x + self.dropout(attended))
+        if isinstance(self.ffn, FeedForward):
+            y, aux, counts = self.ffn(x), x.new_zeros(()), None
+        else:
+            # used_tokens (B*T,) keeps padding out of the routing, the counts and the expert compute.
+            y, aux, counts = self.ffn(x, used_tokens)
+        return self.ffn_norm(x + self.dropout(y)), qkv, aux, counts
+
+
+class PretrainedMixin:
+    """save_pretrained / from_pretrained for Student and its task heads (config.json + model.safetensors)."""
+
+    config: StudentConfig
+
+    def head_config(self) -> dict[str, Any] | None:
+        return None
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
+        """Write config.json, model.safetensors (all experts, global ids) and the tokenizer if given.
+
+        With ep_size > 1 every rank of the expert-parallel group must call this (experts are gathered);
+        rank 0 writes. Files are written under temporary names and renamed."""
+        state = gather_experts(self.state_dict(), self.config)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {**self.config.to_dict(), "ep_size": 1}
+        if self.head_config() is not None:
+            config["task_head"] = self.head_config()
+        _write_atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        _write_atomic(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+
+    @classmethod
+    def _load_config(cls, path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[StudentConfig, dict | None]:
+        path = Path(path)
+        if not is_student_dir(path):
+            raise ValueError(f"{path / 'config.json'}: not a minimoe student dir (model_type != {STUDENT_MODEL_TYPE!r})")
+        with open(path / "config.json") as f:
+            values = json.load(f)
+        head = values.pop("task_head", None)
+        values.update(ep_size=1)
+        values.update(overrides)
+        return StudentConfig.from_dict(values, source=str(path / "config.json")), head
+
+    def _load_weights(self, path: str | os.PathLike, prefix: str = "") -> None:
+        """Load model.safetensors (keys prefixed by `prefix` in this module), keeping this rank's experts."""
+        file = Path(path) / "model.safetensors"
+        state = localize_experts(load_file(str(file)), self.config)
+        own = self.state_dict()
+        state = {prefix + k: v for k, v in state.items()}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{file}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict(state)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _expert_parallel_rank(config: StudentConfig) -> int:
+    # DeepSpeed's default layout (use_data_before_expert_parallel_=False): expert groups are
+    # consecutive ranks, so the rank inside a group is the global rank modulo ep_size.
+    return torch.distributed.get_rank() % config.ep_size if config.ep_size > 1 else 0
+
+
+def localize_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> dict[str, torch.Tensor]:
+    """Global-id expert weights (as saved) -> this rank's local experts (ids 0..E/ep_size-1)."""
+    if config.ep_size == 1:
+        return state
+    num_local = config.num_experts // config.ep_size
+    first = _expert_parallel_rank(config) * num_local
+    local = {}
+    for key, value in state.items():
+        match = EXPERT_KEY.match(key)
+        if match is None:
+            local[key] = value
+        elif first <= int(match[2]) < first + num_local:
+            local[f"{match[1]}{int(match[2]) - first}{match[3]}"] = value
+    return local
+
+
+def gather_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> dict[str, torch.Tensor]:
+    """This rank's local experts -> all experts with global ids (all-gather over the expert group)."""
+    if config.ep_size == 1:
+        return state
+    from deepspeed.utils import groups
+
+    group = groups._get_expert_parallel_group(f"ep_size_{config.ep_size}")
+    num_local = config.num_experts // config.ep_size
+    full = {}
+    for key, value in state.items():
+        match = EXPERT_KEY.match(key)
+        if match is None:
+            full[key] = value
+            continue
+        pieces = [torch.empty_like(value) for _ in range(config.ep_size)]
+        torch.distributed.all_gather(pieces, value.contiguous(), group=group)
+        for rank, piece in enumerate(pieces):
+            full[f"{match[1]}{rank * num_local + int(match[2])}{match[3]}"] = piece
+    return full
+
+
+class Student(PretrainedMixin, nn.Module):
+    """The student encoder. forward -> StudentOutput (hidden states, Q/K/V of one layer, aux loss, counts)."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        for path, rank in (config.ffn_ranks or {}).items():
+            linear = self.ffn_linears().get(path)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"StudentConfig.ffn_ranks: {path!r} is not an FFN Linear of this student")
+            parent, name = path.rsplit(".", 1)
+            setattr(self.get_submodule(parent), name, LowRankLinear(linear.in_features, linear.out_features, rank))
+        # Re-initialise everything after construction: DeepSpeed deep-copies one expert E times, and
+        # identical experts would receive identical updates until the router separates them.
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, qkv_layer: int | None = -1) -> StudentOutput:
+        """input_ids (B, T); attention_mask (B, T), 1 = real token; qkv_layer: layer index (negative counts
+        from the end) whose Q/K/V to return, None for none."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        wanted = None if qkv_layer is None else range(self.config.num_layers)[qkv_layer]
+        key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        used_tokens = attention_mask.reshape(-1).long()  # (B*T,); int: the gate counts with it
+        x = self.embeddings(input_ids, token_type_ids)
+        qkv, aux_loss, counts = None, x.new_zeros((), dtype=torch.float32), []
+        for index, layer in enumerate(self.layers):
+            x, layer_qkv, aux, layer_counts = layer(x, key_mask, used_tokens)
+            aux_loss = aux_loss + aux.float()
+            if layer_counts is not None:
+                counts.append(layer_counts)
+            if index == wanted:
+                qkv = layer_qkv
+        return StudentOutput(x, qkv, self.config.aux_loss_weight * aux_loss, counts)
+
+    def ffn_linears(self) -> dict[str, nn.Module]:
+        """Every FFN matrix by its module path (dense fc1/fc2, or each expert's fc1/fc2; global expert ids
+        when ep_size is 1): an nn.Linear, or a LowRankLinear where config.ffn_ranks says so."""
+        return {name: module for name, module in self.named_modules() if name.rsplit(".", 1)[-1] in ("fc1", "fc2")}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Student":
+        """Load a saved student (or the encoder of a saved task head) in one plain process.
+
+        `overrides` are StudentConfig fields (e.g. dropout=0.0, or ep_size=N inside the engine)."""
+        config, head = cls._load_config(path, overrides)
+        model = cls(config)
+        if head is None:
+            model._load_weights(path)
+        else:  # the encoder of a saved task head
+            state = {k[len("student."):]: v for k, v in load_file(str(Path(path) / "model.safetensors")).items()
+                     if k.startswith("student.")}
+            model.load_state_dict(localize_experts(state, config))
+        return model
+
+
+@dataclass
+class TaskOutput:
+    logits: torch.Tensor
+    """(B, num_labels) for sequence heads, (B, T, num_labels) for token heads."""
+    loss: torch.Tensor | None
+    """Task loss + the student's weighted aux loss (None without labels)."""
+    aux_loss: torch.Tensor
+    """The student's weighted aux loss (already included in `loss`)."""
+    expert_counts: list[torch.Tensor] = field(default_factory=list)
+
+
+class _TaskHead(PretrainedMixin, nn.Module):
+    """A student encoder with a linear task head; subclasses say what is pooled and which loss applies."""
+
+    kind: str = ""
+
+    def __init__(self, config: StudentConfig, num_labels: int):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.config = config
+        self.num_labels = num_labels
+        self.student = Student(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.student._init_weights(self.classifier)
+
+    def head_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_labels": self.num_labels}
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
+        out = self.student(input_ids, attention_mask, token_type_ids, qkv_layer=None)
+        logits = self.classifier(self.dropout(self.features(out.last_hidden_state)))
+        loss = None if labels is None else self.task_loss(logits, labels) + out.aux_loss
+        return TaskOutput(logits, loss, out.aux_loss, out.expert_counts)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, num_labels: int | None = None, **overrides: Any):
+        """From a saved head of this kind (head weights kept) or a plain student dir (fresh head)."""
+        config, head = cls._load_config(path, overrides)
+        if head is not None and head["kind"] == cls.kind and num_labels in (None, head["num_labels"]):
+            model = cls(config, head["num_labels"])
+            model._load_weights(path)
+            return model
+        if num_labels is None:
+            raise ValueError(f"{path}: no {cls.kind} head saved there; pass num_labels")
+        model = cls(config, num_labels)
+        model.student.load_state_dict(Student.from_pretrained(path, **overrides).state_dict())
+        return model
+
+
+class StudentForSequenceClassification(_TaskHead):
+    """Pooled [CLS] (dense + tanh, as BERT) -> linear; num_labels 1 = regression (MSE), else cross-entropy."""
+
+    kind = "sequence_classification"
+
+    def __init__(self, config: StudentConfig, num_labels: int):
+        super().__init__(config, num_labels)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.student._init_weights(self.pooler)
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.pooler(hidden[:, 0]))  # (B, H) at [CLS]
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+
+class StudentForTokenClassification(_TaskHead):
+    """Per-token linear head; labels -100 (padding, non-first sub-tokens) are ignored."""
+
+    kind = "token_classification"
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden  # (B, T, H)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)

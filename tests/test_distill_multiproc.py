@@ -1,0 +1,130 @@
+"""The distillation engine through the real deepspeed launcher: 2 CPU ranks with gloo, the packaged
+teacher, shards built by data_prep from real Wikipedia. Each launched run is checked for several things
+at once to keep the suite short: a tiny MiniMoE student (2L;64H, 4 experts) and 64-token samples."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--experts", "4", "--micro-batch-size", "8"]
+
+pytestmark = pytest.mark.multiproc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], procs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """./launch.sh distill on `procs` local CPU ranks; returns the finished process (stdout+stderr in .stdout)."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    cmd = ["bash", str(REPO / "launch.sh"), "distill", "--num-procs", str(procs), "--master-port", str(free_port()), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="session")
+def wiki_shards(shared_data, teacher_dir, tmp_path_factory) -> Path:
+    """Shards of two real Wikipedia files, 64-token samples, built by data_prep with the teacher's tokenizer."""
+    out = tmp_path_factory.mktemp("wiki") / "shards"
+    inputs = [str(shared_data / "wikipedia" / "AA" / name) for name in ("wiki_00", "wiki_01")]
+    subprocess.run([sys.executable, "-m", "data_prep", "build", "--input", *inputs, "--format", "wikiextractor",
+                    "--tokenizer", str(teacher_dir), "--output", str(out), "--max-seq-length", "64", "--workers", "2"],
+                   cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, tmp_path):
+    common = ["--teacher", str(teacher_dir), "--shards", str(wiki_shards), *TINY, "--ep-size", "2",
+              "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json"), "--max-steps", "24", "--lr", "2e-3",
+              "--warmup", "0.1", "--log-every", "1", "--save-every", "12", "--seed", "7"]
+    full = tmp_path / "full"
+    run = launch([*common, "--output", str(full)])
+    assert run.returncode == 0, run.stdout[-3000:]
+
+    # Trains: the relation loss falls over 24 steps of real data.
+    curve = losses(full)
+    assert sorted(curve) == list(range(1, 25))
+    first, last = sum(curve[s] for s in range(1, 5)) / 4, sum(curve[s] for s in range(21, 25)) / 4
+    assert last < 0.8 * first, curve
+    # Checkpoints: latest after the final one, both kept, every rank's RNG, experts 0-3 of both ep ranks.
+    checkpoints = full / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000024"
+    for step in ("step-00000012", "step-00000024"):
+        names = {p.name for p in (checkpoints / step).iterdir()}
+        assert {"rng-rank00000.pt", "rng-rank00001.pt", "trainer_state.json", "tokenizer"} <= names
+        assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in (0, 1) for e in range(4)} <= names
+    state = json.loads((checkpoints / "step-00000012" / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["data"]["samples_seen"] == 12 * 8 * 2
+    assert state["layout"]["world_size"] == 2 and state["layout"]["ep_size"] == 2
+    record = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(record["expert_shares"]) == 2 and all(len(layer) == 4 for layer in record["expert_shares"])
+    assert all(abs(sum(layer) - 1) < 1e-3 for layer in record["expert_shares"])
+
+    # Exact resume: a run stopped after its step-12 checkpoint, resumed, repeats steps 13-24 exactly.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-00000024", "tensorboard"))
+    (resumed / "checkpoints" / "latest").write_text("step-00000012")
+    run = launch([*common, "--output", str(resumed), "--resume"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    again = losses(resumed)
+    assert sorted(again) == list(range(1, 25))
+    for step in range(13, 25):
+        assert abs(again[step] - curve[step]) <= 1e-5, (step, again[step], curve[step])
+
+    # Export from ep_size 2, load in this plain process: the same outputs as the training-time engine.
+    model_dir = tmp_path / "model"
+    subprocess.run([sys.executable, "-m", "pipeline.export", str(full), str(model_dir)], cwd=REPO, check=True,
+                   capture_output=True)
+    probe_out = tmp_path / "probe.pt"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    probe = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                            str(REPO / "tests" / "distill_probe.py"), str(checkpoints / "step-00000024"),
+                            str(wiki_shards), str(probe_out)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stdout[-3000:]
+    from pipeline.model import Student
+
+    reference = torch.load(probe_out, weights_only=True)
+    student = Student.from_pretrained(model_dir).eval()
+    assert student.config.ep_size == 1 and student.config.num_experts == 4
+    with torch.no_grad():
+        out = student(reference["input_ids"], reference["attention_mask"], reference["token_type_ids"])
+    torch.testing.assert_close(out.last_hidden_state, reference["hidden"], atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(out.qkv, reference["qkv"]):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert (model_dir / "tokenizer.json").is_file()
+
+
+def test_refusals_through_the_launcher(wiki_shards, teacher_dir, tmp_path):
+    common = ["--teacher", str(teacher_dir), *TINY, "--max-steps", "1", "--output", str(tmp_path / "run")]
+    # Shards whose tokenizer differs from the teacher's.
+    foreign = tmp_path / "foreign"
+    shutil.copytree(wiki_shards, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    run = launch([*common, "--shards", str(foreign)])
+    assert run.returncode != 0
+    assert f"error: {foreign / 'manifest.json'}: tokenizer fingerprint 000000000000... differs from the teacher's" in run.stdout
+    assert "Traceback" not in run.stdout
+    # ep_size that does not divide the world size.
+    run = launch([*common, "--shards", str(wiki_shards), "--ep-size", "4"])
+    assert run.returncode != 0 and "error: --ep-size 4 does not divide the world size 2" in run.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()

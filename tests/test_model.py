@@ -1,0 +1,228 @@
+"""Student: config round trip, shapes and masking, dense == 1-expert MoE, top-1 routing and aux loss by
+hand, save/load (also of a model trained with ep_size 2), task heads."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import model as model_module
+from pipeline.model import (STUDENT_PRESETS, Student, StudentConfig, StudentForSequenceClassification,
+                            StudentForTokenClassification, is_student_dir, localize_experts, moe_feed_forward)
+
+
+def tiny_config(**overrides) -> StudentConfig:
+    values = dict(num_layers=2, hidden_size=24, num_heads=2, vocab_size=50, max_position_embeddings=16, dropout=0.0)
+    return StudentConfig(**{**values, **overrides})
+
+
+def batch(seed: int = 0, lengths=(9, 5, 7), vocab: int = 50):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    types = torch.zeros_like(ids)
+    types[:, 3:] = 1
+    return ids, mask, types * mask
+
+
+def test_config_round_trip_defaults_and_errors(tmp_path):
+    config = StudentConfig.from_preset("4L192H", num_experts=4)
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.intermediate_size) == (4, 192, 12, 768)
+    assert StudentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown StudentConfig field.*'num_expert'"):
+        StudentConfig.from_dict({"num_expert": 4})
+    with pytest.raises(ValueError, match="num_experts 3 must be >= 1 and a multiple of ep_size 2"):
+        StudentConfig(num_experts=3, ep_size=2)
+    with pytest.raises(ValueError, match="unknown student preset '5L'"):
+        StudentConfig.from_preset("5L")
+    assert set(STUDENT_PRESETS) >= {"6L384H", "4L384H", "3L384H", "4L192H"}
+
+
+def test_preset_takes_vocabulary_and_special_ids_from_tokenizer(teacher_dir):
+    from data_prep.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(teacher_dir))
+    config = StudentConfig.from_preset("3L384H", tokenizer=tokenizer)
+    assert (config.vocab_size, config.pad_token_id, config.cls_token_id, config.sep_token_id) == (30522, 0, 101, 102)
+
+
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_shapes_and_padding_do_not_leak(num_experts):
+    torch.manual_seed(0)
+    model = Student(tiny_config(num_experts=num_experts)).eval()
+    ids, mask, types = batch()
+    out = model(ids, mask, types, qkv_layer=0)
+    assert out.last_hidden_state.shape == (3, 9, 24)
+    assert [t.shape for t in out.qkv] == [(3, 9, 24)] * 3
+    # Each example alone, unpadded, gives the same real-token outputs as inside the padded batch.
+    for i, length in enumerate(mask.sum(1).tolist()):
+        alone = model(ids[i:i + 1, :length], mask[i:i + 1, :length], types[i:i + 1, :length], qkv_layer=0)
+        torch.testing.assert_close(alone.last_hidden_state[0], out.last_hidden_state[i, :length], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.qkv[2][0], out.qkv[2][i, :length], atol=1e-5, rtol=1e-5)
+    if num_experts == 1:
+        assert out.expert_counts == [] and out.aux_loss.item() == 0.0
+    else:  # counts: real tokens only, every one routed (no dropping by default)
+        assert [c.sum().item() for c in out.expert_counts] == [21, 21]
+
+
+def test_qkv_layer_selects_the_layer():
+    model = Student(tiny_config(num_layers=3)).eval()
+    ids, mask, _ = batch()
+    captured = {}
+    model.layers[1].attention.key.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
+    torch.testing.assert_close(model(ids, mask, qkv_layer=1).qkv[1], captured["k"])
+    assert model(ids, mask, qkv_layer=None).qkv is None
+
+
+def test_dense_student_equals_moe_student_with_one_expert():
+    torch.manual_seed(0)
+    config = tiny_config()
+    dense = Student(config).eval()
+    moe = Student(config).eval()
+    moe.load_state_dict(dense.state_dict())
+    for layer in moe.layers:  # same code path, the FFN swapped for a 1-expert DeepSpeed MoE block
+        ffn = moe_feed_forward(config, num_experts=1)
+        ffn.deepspeed_moe.experts.deepspeed_experts[0].load_state_dict(layer.ffn.state_dict())
+        layer.ffn = ffn
+    ids, mask, types = batch()
+    a, b = dense(ids, mask, types), moe(ids, mask, types)
+    real = mask.bool()  # (padding positions differ: the MoE block does not compute them)
+    torch.testing.assert_close(a.last_hidden_state[real], b.last_hidden_state[real], atol=1e-6, rtol=1e-6)
+    # One expert: every token goes there, and l_aux = E * sum(mean gate * fraction routed) = 1 * 1 * 21/27.
+    assert [c.tolist() for c in b.expert_counts] == [[21], [21]]
+    torch.testing.assert_close(b.aux_loss, torch.tensor(0.01 * 2 * 21 / 27))
+
+
+def test_top1_routing_and_aux_loss_by_hand():
+    torch.manual_seed(1)
+    config = tiny_config(num_layers=1, num_experts=4, aux_loss_weight=0.3)
+    model = Student(config).eval()
+    with torch.no_grad():  # a sharper router so that all experts get tokens
+        model.layers[0].ffn.deepspeed_moe.gate.wg.weight.mul_(50)
+    ids, mask, types = batch(lengths=(16, 11, 13))
+    seen = {}
+    ffn = model.layers[0].ffn
+    ffn.register_forward_hook(lambda m, inputs, output: seen.update(x=inputs[0], y=output[0]))
+    out = model(ids, mask, types)
+
+    x = seen["x"].reshape(-1, 24)  # (S, H) tokens entering the MoE block
+    real = mask.reshape(-1).bool()
+    probs = torch.softmax(x @ ffn.deepspeed_moe.gate.wg.weight.T, dim=-1)  # (S, E)
+    choice = probs.argmax(-1)
+    counts = torch.bincount(choice[real], minlength=4)
+    assert out.expert_counts[0].tolist() == counts.tolist() and (counts > 0).sum() >= 3
+    # Switch/GShard balance loss: E * sum_e mean_s(p_se) * (tokens routed to e) / S.
+    l_aux = 4 * (probs.mean(0) * counts / x.size(0)).sum()
+    torch.testing.assert_close(out.aux_loss, 0.3 * l_aux)
+    # Top-1: a real token's output is its one expert's FFN output scaled by that expert's gate value.
+    experts = ffn.deepspeed_moe.experts.deepspeed_experts
+    y = seen["y"].reshape(-1, 24)
+    for s in torch.nonzero(real).flatten().tolist():
+        e = choice[s].item()
+        torch.testing.assert_close(y[s], probs[s, e] * experts[e](x[s]), atol=1e-5, rtol=1e-5)
+    assert torch.all(y[~real] == 0)  # padding is not routed
+
+
+def test_router_noise_changes_training_routing_only():
+    torch.manual_seed(0)
+    model = Student(tiny_config(num_layers=1, num_experts=4))
+    ids, mask, types = batch(lengths=(16, 16, 16))
+    model.eval()
+    eval_counts = {tuple(model(ids, mask, types).expert_counts[0].tolist()) for _ in range(3)}
+    model.train()
+    train_counts = {tuple(model(ids, mask, types).expert_counts[0].tolist()) for _ in range(5)}
+    assert len(eval_counts) == 1 and len(train_counts) > 1
+
+
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_save_load_round_trip(tmp_path, num_experts, teacher_dir):
+    from data_prep.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = Student(tiny_config(num_experts=num_experts)).eval()
+    model.save_pretrained(tmp_path, tokenizer=load_tokenizer(str(teacher_dir)))
+    assert is_student_dir(tmp_path) and (tmp_path / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = Student.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    ids, mask, types = batch()
+    torch.testing.assert_close(loaded(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state,
+                               atol=0, rtol=0)
+
+
+def test_model_saved_with_ep_size_2_loads_in_one_process(tmp_path):
+    torch.manual_seed(0)
+    model = Student(tiny_config(num_experts=4)).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "ep_size": 2}))  # as the engine's export would
+    loaded = Student.from_pretrained(tmp_path).eval()
+    assert loaded.config.ep_size == 1
+    ids, mask, types = batch()
+    torch.testing.assert_close(loaded(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state)
+
+
+def test_localize_experts_keeps_this_ranks_experts_renumbered(monkeypatch):
+    config = tiny_config(num_experts=4, ep_size=2)
+    key = "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.{}.fc1.weight"
+    state = {key.format(e): torch.full((1,), float(e)) for e in range(4)} | {"embeddings.x": torch.zeros(1)}
+    monkeypatch.setattr(model_module, "_expert_parallel_rank", lambda config: 1)
+    local = localize_experts(state, config)
+    assert sorted(local) == sorted([key.format(0), key.format(1), "embeddings.x"])
+    assert (local[key.format(0)].item(), local[key.format(1)].item()) == (2.0, 3.0)
+
+
+def test_sequence_head_losses_and_reload(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config(num_experts=4)
+    Student(config).save_pretrained(tmp_path / "student")
+    ids, mask, types = batch()
+    head = StudentForSequenceClassification.from_pretrained(tmp_path / "student", num_labels=3).eval()
+    labels = torch.tensor([0, 2, 1])
+    out = head(ids, mask, types, labels=labels)
+    assert out.logits.shape == (3, 3)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels) + out.aux_loss)
+    head.save_pretrained(tmp_path / "head")
+    again = StudentForSequenceClassification.from_pretrained(tmp_path / "head").eval()
+    assert again.num_labels == 3
+    torch.testing.assert_close(again(ids, mask, types).logits, out.logits, atol=0, rtol=0)
+    # The encoder of a saved head loads as a plain student.
+    torch.testing.assert_close(Student.from_pretrained(tmp_path / "head").eval()(ids, mask, types).last_hidden_state,
+                               head.student(ids, mask, types).last_hidden_state, atol=0, rtol=0)
+
+    regression = StudentForSequenceClassification(config, num_labels=1).eval()
+    target = torch.tensor([0.5, 1.0, 4.0])
+    out = regression(ids, mask, types, labels=target)
+    torch.testing.assert_close(out.loss, ((out.logits[:, 0] - target) ** 2).mean() + out.aux_loss)
+    with pytest.raises(ValueError, match="no token_classification head saved there; pass num_labels"):
+        StudentForTokenClassification.from_pretrained(tmp_path / "head")
+
+
+def test_token_head_ignores_minus_100():
+    torch.manual_seed(0)
+    head = StudentForTokenClassification(tiny_config(), num_labels=5).eval()
+    ids, mask, types = batch()
+    labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
+    out = head(ids, mask, types, labels=labels)
+    assert out.logits.shape == (3, 9, 5)
+    real = labels != -100
+    expected = -torch.log_softmax(out.logits, -1)[real].gather(1, labels[real][:, None]).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_low_rank_ffn_from_config_round_trips(tmp_path):
+    path = "layers.1.ffn.deepspeed_moe.experts.deepspeed_experts.2.fc1"
+    config = tiny_config(num_experts=4, ffn_ranks={path: 3, "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.0.fc2": 5})
+    model = Student(config).eval()
+    low = model.ffn_linears()[path]
+    assert (low.down.weight.shape, low.up.weight.shape) == ((3, 24), (96, 3))
+    model.save_pretrained(tmp_path)
+    ids, mask, types = batch()
+    torch.testing.assert_close(Student.from_pretrained(tmp_path).eval()(ids, mask, types).last_hidden_state,
+                               model(ids, mask, types).last_hidden_state, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="ffn_ranks: 'layers.0.attention.query' is not an FFN Linear"):
+        Student(tiny_config(ffn_ranks={"layers.0.attention.query": 2}))

@@ -1,0 +1,121 @@
+"""Objectives against references written differently: per-example, per-head Python loops over the
+unpadded part of each sequence, and hand formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.objectives import attention_scores, logit_kd_loss, minilm_relation_loss, tinybert_loss
+
+
+def padded_inputs(seed, lengths, hidden, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    qkv = tuple((torch.randn(len(lengths), T, hidden, generator=g) * scale).to(dtype) for _ in range(3))
+    return qkv, mask
+
+
+def reference_relation_kl(s, t, length, heads):
+    """KL(teacher || student) of one example's relation, averaged over its real rows and the heads."""
+    total = 0.0
+    for h in range(heads):
+        ds, dt = s.size(-1) // heads, t.size(-1) // heads
+        sh = s[:length, h * ds:(h + 1) * ds].double()
+        th = t[:length, h * dt:(h + 1) * dt].double()
+        for i in range(length):
+            p_s = torch.softmax(sh[i] @ sh.T / math.sqrt(ds), 0)
+            p_t = torch.softmax(th[i] @ th.T / math.sqrt(dt), 0)
+            total += float((p_t * (p_t.log() - p_s.log())).sum())
+    return total
+
+
+def test_relation_loss_matches_per_example_per_head_loop_with_different_hidden_sizes():
+    lengths, heads = (7, 3, 5), 4
+    student, mask = padded_inputs(0, lengths, hidden=16)
+    teacher, _ = padded_inputs(1, lengths, hidden=40, scale=2.0)
+    loss, parts = minilm_relation_loss(student, teacher, mask, num_relation_heads=heads)
+    expected = {}
+    for name, s, t in zip(("qq", "kk", "vv"), student, teacher):
+        kl = sum(reference_relation_kl(s[b], t[b], n, heads) for b, n in enumerate(lengths))
+        expected[name] = kl / (sum(lengths) * heads)  # mean over real rows and relation heads
+    for name in ("qq", "kk", "vv"):
+        assert parts[name].item() == pytest.approx(expected[name], rel=1e-5)
+    assert loss.item() == pytest.approx(sum(expected.values()) / 3, rel=1e-5)
+
+
+def test_relation_loss_ignores_padding_values_and_is_zero_for_equal_inputs():
+    qkv, mask = padded_inputs(0, (6, 2), hidden=24)
+    loss, _ = minilm_relation_loss(qkv, qkv, mask, num_relation_heads=3)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    teacher, _ = padded_inputs(1, (6, 2), hidden=24)
+    noisy = tuple(x.masked_fill(mask[..., None] == 0, 1e4) for x in qkv)
+    a, _ = minilm_relation_loss(qkv, teacher, mask, num_relation_heads=3)
+    b, _ = minilm_relation_loss(noisy, teacher, mask, num_relation_heads=3)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relation_loss_is_finite_in_half_precision_with_large_activations(dtype):
+    student, mask = padded_inputs(0, (8, 3), hidden=32, dtype=dtype, scale=30.0)
+    teacher, _ = padded_inputs(1, (8, 3), hidden=64, dtype=dtype, scale=30.0)
+    student = tuple(x.requires_grad_() for x in student)
+    loss, parts = minilm_relation_loss(student, teacher, mask, num_relation_heads=4, aux_loss=torch.tensor(0.02))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(torch.isfinite(x.grad).all() for x in student)
+    assert torch.all(student[0].grad[1, 3:] == 0)  # padded positions get no gradient
+    assert parts["aux"].item() == pytest.approx(0.02)
+    assert parts["loss"].item() == pytest.approx((parts["qq"] + parts["kk"] + parts["vv"]).item() / 3 + 0.02, rel=1e-5)
+
+
+def test_relation_heads_must_divide_hidden():
+    qkv, mask = padded_inputs(0, (4,), hidden=30)
+    with pytest.raises(ValueError, match="hidden size 30 is not divisible by 32 heads"):
+        minilm_relation_loss(qkv, qkv, mask)
+
+
+def test_tinybert_loss_matches_loop_reference():
+    torch.manual_seed(0)
+    lengths, heads = (5, 3), 2
+    (sq, sk, _), mask = padded_inputs(0, lengths, hidden=8)
+    (tq, tk, _), _ = padded_inputs(1, lengths, hidden=12)
+    s_hidden, t_hidden = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    projection = torch.nn.Linear(8, 12)
+    loss, parts = tinybert_loss(attention_scores(sq, sk, heads), attention_scores(tq, tk, heads), s_hidden, t_hidden,
+                                projection, mask)
+    attn_err, attn_n, hid_err, hid_n = 0.0, 0, 0.0, 0
+    for b, n in enumerate(lengths):
+        for h in range(heads):
+            a_s = sq[b, :n, 4 * h:4 * h + 4] @ sk[b, :n, 4 * h:4 * h + 4].T / 2.0
+            a_t = tq[b, :n, 6 * h:6 * h + 6] @ tk[b, :n, 6 * h:6 * h + 6].T / math.sqrt(6)
+            attn_err += float(((a_s - a_t) ** 2).sum())
+            attn_n += n * n
+        for i in range(n):
+            with torch.no_grad():
+                hid_err += float(((projection.weight @ s_hidden[b, i] + projection.bias - t_hidden[b, i]) ** 2).sum())
+            hid_n += 12
+    assert parts["attention"].item() == pytest.approx(attn_err / attn_n, rel=1e-5)
+    assert parts["hidden"].item() == pytest.approx(hid_err / hid_n, rel=1e-5)
+    assert loss.item() == pytest.approx(attn_err / attn_n + hid_err / hid_n, rel=1e-5)
+
+
+def test_logit_kd_by_hand():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    T = 2.0
+    p_t, p_s = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    soft = float((p_t * (p_t.log() - p_s.log())).sum(-1).mean()) * T * T
+    loss, parts = logit_kd_loss(s, t, temperature=T)
+    assert loss.item() == pytest.approx(soft, rel=1e-6) and set(parts) == {"soft", "loss"}
+    labels = torch.tensor([1, 2])
+    hard = float(-(torch.log_softmax(s, -1)[0, 1] + torch.log_softmax(s, -1)[1, 2]) / 2)
+    loss, parts = logit_kd_loss(s, t, temperature=T, labels=labels, alpha=0.7)
+    assert parts["hard"].item() == pytest.approx(hard, rel=1e-6)
+    assert loss.item() == pytest.approx(0.7 * soft + 0.3 * hard, rel=1e-6)
+    # regression: MSE to the teacher's outputs and to the labels
+    loss, _ = logit_kd_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [3.0]]), labels=torch.tensor([0.0, 1.0]),
+                            alpha=0.5)
+    assert loss.item() == pytest.approx(0.5 * 0.5 + 0.5 * (1 + 4) / 2)
