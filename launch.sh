@@ -42,7 +42,12 @@ if [[ "$command" != "distill" ]]; then
   exit 2
 fi
 
-launcher=(deepspeed)
+# The launcher: `$PYTHON -m deepspeed.launcher.runner` when PYTHON is set or `deepspeed` is not on PATH.
+if [[ -z "${PYTHON:-}" ]] && command -v deepspeed >/dev/null 2>&1; then
+  launcher=(deepspeed)
+else
+  launcher=("${PYTHON:-python3}" -m deepspeed.launcher.runner)
+fi
 procs=""
 hostfile=""
 dry_run=0
@@ -81,10 +86,6 @@ fi
 
 # pipeline/ importable from any working directory (relative paths in FLAGS stay the user's).
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-if ! command -v deepspeed >/dev/null 2>&1; then
-  echo "error: the deepspeed launcher is not on PATH (activate the venv: source .venv/bin/activate)" >&2
-  exit 2
-fi
 cmd=("${launcher[@]}" --module pipeline.distill "${flags[@]}")
 printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; printf '\n' >&2
 if [[ $dry_run -eq 1 ]]; then exit 0; fi

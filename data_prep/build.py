@@ -20,19 +20,20 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
 from data_prep.config import BuildConfig, DataPrepError
-from data_prep.pairs import Document, create_pairs
+from data_prep.pairs import create_pairs
 from data_prep.readers import ReadCounts, read_documents, resolve_inputs
 from data_prep.sentences import split_sentences
 from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, pairs_to_batch, read_json,
-                              shard_name, shard_schema, write_json)
+                              shard_name, shard_schema, token_dtype, write_json)
 from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 
 PLAN = "plan.json"
@@ -75,7 +76,7 @@ class _Worker:
     encoder: object  # tokenizers.Tokenizer
     cls_id: int
     sep_id: int
-    schema: pa.Schema
+    id_dtype: np.dtype
 
 
 _worker: _Worker | None = None
@@ -86,7 +87,7 @@ def _init_worker(config: BuildConfig, tokenizer_path: str) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: no tokenizer threads on top
     tokenizer, encoder = open_tokenizer(tokenizer_path)
-    _worker = _Worker(config, encoder, tokenizer.cls_token_id, tokenizer.sep_token_id, shard_schema(len(tokenizer)))
+    _worker = _Worker(config, encoder, tokenizer.cls_token_id, tokenizer.sep_token_id, token_dtype(len(tokenizer)))
 
 
 def _build_unit(task: tuple[int, str]) -> dict:
@@ -99,19 +100,19 @@ def _build_unit(task: tuple[int, str]) -> dict:
     counts = ReadCounts()
     stats = dict.fromkeys(TOTAL_KEYS + ("empty_documents",), 0)
     documents = read_documents(Path(source), w.config.format, counts)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, w.schema) as writer:
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shard_schema(w.id_dtype)) as writer:
         for chunk_index, texts in enumerate(_batched(documents, w.config.chunk_documents)):
-            tokenized = _tokenize(texts, w.encoder)
+            tokens, sentence_lengths = _tokenize(texts, w.encoder, w.id_dtype)
             rng = random.Random(f"{w.config.seed}:{index}:{chunk_index}")
-            pairs = list(create_pairs(tokenized, rng, w.config.max_seq_length, w.config.short_seq_prob))
+            pairs = list(create_pairs(sentence_lengths, rng, w.config.max_seq_length, w.config.short_seq_prob))
             if pairs:
-                batch = pairs_to_batch(pairs, w.cls_id, w.sep_id, w.schema)
+                batch = pairs_to_batch(tokens, pairs, w.cls_id, w.sep_id)
                 writer.write_batch(batch)
                 stats["num_tokens"] += len(batch.column(0).values)
-            stats["documents"] += len(tokenized)
-            stats["empty_documents"] += len(texts) - len(tokenized)
+            stats["documents"] += len(sentence_lengths)
+            stats["empty_documents"] += len(texts) - len(sentence_lengths)
             stats["num_samples"] += len(pairs)
-            stats["random_next"] += sum(p[2] for p in pairs)
+            stats["random_next"] += sum(p.is_random_next for p in pairs)
     os.replace(tmp, shard)
     stats = {"file": shard.name, "source": source, "sha256": file_sha256(shard), "bytes": shard.stat().st_size,
              **stats, **asdict(counts)}
@@ -125,19 +126,22 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _tokenize(texts: list[str], encoder) -> list[Document]:
-    """Documents as lists of sentence token ids; empty sentences and documents left out."""
+def _tokenize(texts: list[str], encoder, id_dtype: np.dtype) -> tuple[np.ndarray, list[list[int]]]:
+    """(all token ids, sentence after sentence, document after document; per document the token
+    counts of its sentences). Empty sentences and documents are left out."""
     sentences = [split_sentences(text) for text in texts]
     flat = [s for document in sentences for s in document]
     ids = [e.ids for start in range(0, len(flat), ENCODE_BATCH)
            for e in encoder.encode_batch_fast(flat[start:start + ENCODE_BATCH], add_special_tokens=False)]
+    lengths = [len(s) for s in ids]
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=id_dtype, count=sum(lengths))
     documents, start = [], 0
     for document in sentences:
-        tokenized = [s for s in ids[start:start + len(document)] if s]
+        kept = [n for n in lengths[start:start + len(document)] if n]
         start += len(document)
-        if tokenized:
-            documents.append(tokenized)
-    return documents
+        if kept:
+            documents.append(kept)
+    return tokens, documents
 
 
 # --------------------------------------------------------------------------- driver side
@@ -190,6 +194,8 @@ def _unit_done(output: Path, index: int) -> bool:
 
 def _run_units(config: BuildConfig, tokenizer_path: str, tasks: list[tuple[int, str]], done: int) -> int:
     """Build the units in a pool with a progress bar; returns the number of tokens written."""
+    if not tasks:
+        return 0
     workers = min(config.workers or os.cpu_count() or 1, max(len(tasks), 1))
     documents = tokens = 0
     start = time.perf_counter()

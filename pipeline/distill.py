@@ -32,6 +32,7 @@ from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+LOSS_PARTS = ("loss", "qq", "kk", "vv", "aux")  # total, the three relation KLs (MiniLMv2 Eq. 4), weighted MoE aux
 
 
 @dataclass
@@ -260,21 +261,24 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 class RouterStats:
     """Mean router entropy per MoE layer (nats, of softmax(router logits) before noise, real tokens),
-    from forward hooks on DeepSpeed's gates; read and reset with `take`."""
+    from forward hooks on the MoE blocks (whichever dispatch path they take); read and reset with `take`."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
-        from deepspeed.moe.sharded_moe import TopKGate
+        from deepspeed.moe.layer import MoE
 
-        gates = [m for m in model.modules() if isinstance(m, TopKGate)]
-        self.sums = torch.zeros(len(gates), 2, device=device)  # (L, [entropy sum, tokens])
-        for layer, gate in enumerate(gates):
-            gate.register_forward_hook(self._hook(layer))
+        blocks = [m for m in model.modules() if isinstance(m, MoE)]
+        self.sums = torch.zeros(len(blocks), 2, device=device)  # (L, [entropy sum, tokens])
+        for layer, block in enumerate(blocks):
+            block.register_forward_hook(self._hook(layer))
 
     def _hook(self, layer: int):
-        def hook(gate, args, output):
-            tokens, used = args[0], args[1]  # (S, H), (S,) 1.0 = real token
+        def hook(block, args, output):
+            x, used = args[0], args[1] if len(args) > 1 and args[1] is not None else None  # (B, T, H), (B*T,)
+            tokens = x.reshape(-1, x.size(-1))
+            used = torch.ones(tokens.size(0), device=x.device) if used is None else used.float()
             with torch.no_grad():
-                log_p = F.log_softmax(F.linear(tokens.float(), gate.wg.weight.float()), dim=-1)  # (S, E)
+                weight = block.deepspeed_moe.gate.wg.weight.float()
+                log_p = F.log_softmax(F.linear(tokens.float(), weight), dim=-1)  # (B*T, E)
                 entropy = -(log_p.exp() * log_p).sum(-1)
                 self.sums[layer, 0] += (entropy * used).sum()
                 self.sums[layer, 1] += used.sum()
@@ -287,11 +291,12 @@ class RouterStats:
 
 def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router: RouterStats) -> dict[str, torch.Tensor]:
     """One optimizer step over grad_accum micro batches -> this step's sums over all ranks:
-    'parts' (loss, qq, kk, vv, aux; means over micro batches and ranks), 'tokens', 'experts' (L, E)
-    token counts, 'router' (L, 2) entropy sums and tokens."""
+    'lr', 'parts' (LOSS_PARTS, means over micro batches and ranks), 'tokens', 'experts' (L, E) token
+    counts or None for a dense student, 'router' (L, 2) entropy sums and tokens."""
     from pipeline.objectives import minilm_relation_loss
 
-    parts, counts = torch.zeros(5, device=engine.device), None
+    lr = engine.get_lr()[0]  # the rate this step uses (the schedule moves on at the boundary)
+    parts, counts = torch.zeros(len(LOSS_PARTS), device=engine.device), None
     tokens = torch.zeros((), device=engine.device)
     for _ in range(cfg.grad_accum):
         batch = {k: v.to(engine.device) for k, v in loader.next_batch().items()}
@@ -301,7 +306,7 @@ def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router:
                                             aux_loss=out.aux_loss)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary only
-        parts += torch.stack([logged[k].float() for k in ("loss", "qq", "kk", "vv", "aux")]) / cfg.grad_accum
+        parts += torch.stack([logged[k].float() for k in LOSS_PARTS]) / cfg.grad_accum
         tokens += batch["attention_mask"].sum()
         step_counts = torch.stack([c.float() for c in out.expert_counts]) if out.expert_counts else None
         counts = step_counts if counts is None else counts + step_counts
@@ -311,8 +316,24 @@ def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router:
     reduced = torch.cat(flat)
     dist.all_reduce(reduced)  # sums over ranks; also makes a non-finite loss visible on every rank alike
     layers = router.sums.size(0)
-    return {"parts": reduced[:5], "tokens": reduced[5], "router": reduced[6:6 + 2 * layers].view(layers, 2),
+    return {"lr": lr, "parts": reduced[:5], "tokens": reduced[5], "router": reduced[6:6 + 2 * layers].view(layers, 2),
             "experts": reduced[6 + 2 * layers:].view(layers, -1) if layers else None}
+
+
+def starved_experts(counts: torch.Tensor, threshold: float) -> dict[tuple[int, int], list[float]]:
+    """counts (steps, L, E) tokens per expert -> {(layer, expert): that layer's shares} for every expert
+    whose share of its layer's tokens over all the steps is below `threshold`."""
+    totals = counts.sum(0)  # (L, E)
+    shares = totals / totals.sum(-1, keepdim=True).clamp_min(1)
+    return {(layer, expert): shares[layer].tolist() for layer, expert in (shares < threshold).nonzero().tolist()}
+
+
+def check_finite(parts: torch.Tensor, step: int) -> None:
+    """Stop on a NaN/Inf loss, naming the step and every loss part (fp16 overflow is the loss scaler's job:
+    it skips the step on infinite gradients, but the loss itself is finite then)."""
+    if not torch.isfinite(parts).all():
+        values = ", ".join(f"{name}={value:g}" for name, value in zip(LOSS_PARTS, parts.tolist()))
+        raise FloatingPointError(f"non-finite loss at step {step}: {values}; lower --lr or check the data")
 
 
 class RunLog:
@@ -338,7 +359,7 @@ class RunLog:
     def record(self, step: int, samples_seen: int, stats: dict[str, torch.Tensor]) -> None:
         values = torch.cat([stats["parts"], stats["tokens"][None]]).cpu()
         self.sums = values if self.sums is None else self.sums + values
-        self.steps += 1
+        self.steps, self.lr = self.steps + 1, stats["lr"]
         if stats["experts"] is not None:
             self.window.append(stats["experts"].cpu())
             self.check_collapse(step)
@@ -350,8 +371,8 @@ class RunLog:
     def flush(self, step: int, samples_seen: int) -> None:
         now = time.perf_counter()
         means = self.sums[:5] / self.steps
-        record = {"step": step, **dict(zip(("loss", "qq", "kk", "vv", "aux"), means.tolist())),
-                  "lr": self.engine.get_lr()[0], "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+        record = {"step": step, **dict(zip(LOSS_PARTS, means.tolist())),
+                  "lr": self.lr, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                   "tokens_per_s": float(self.sums[5]) / (now - self.since), "samples": samples_seen}
         if self.window:
             shares = self.window[-1] / self.window[-1].sum(-1, keepdim=True).clamp_min(1)  # (L, E), last step
@@ -370,17 +391,16 @@ class RunLog:
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
     def check_collapse(self, step: int) -> None:
-        """Warn once per (layer, expert) when its token share over the full window is under the threshold."""
+        """Warn once per starved (layer, expert), again only after it recovered and starved anew."""
         if len(self.window) < self.window.maxlen:
             return
-        counts = torch.stack(list(self.window)).sum(0)  # (L, E)
-        shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-        for layer, expert in (shares < self.cfg.collapse_threshold).nonzero().tolist():
+        starved = starved_experts(torch.stack(list(self.window)), self.cfg.collapse_threshold)
+        for (layer, expert), shares in starved.items():
             if (layer, expert) not in self.collapsed and self.rank == 0:
                 self.bar.write(f"warning: step {step}: router collapse? MoE layer {layer} expert {expert} got "
-                               f"{shares[layer, expert]:.1%} of the tokens over the last {len(self.window)} steps "
-                               f"(shares {[round(s, 3) for s in shares[layer].tolist()]})", file=sys.stderr)
-        self.collapsed = {tuple(x) for x in (shares < self.cfg.collapse_threshold).nonzero().tolist()}
+                               f"{shares[expert]:.1%} of the tokens over the last {len(self.window)} steps "
+                               f"(shares {[round(s, 3) for s in shares]})", file=sys.stderr)
+        self.collapsed = set(starved)
 
     def close(self) -> None:
         if self.rank == 0:
@@ -468,10 +488,7 @@ def distill(cfg: DistillConfig) -> None:
     while step < total_steps:
         stats = train_step(engine, teacher, loader, cfg, router)
         step += 1
-        if not torch.isfinite(stats["parts"]).all():
-            names = ("loss", "qq", "kk", "vv", "aux")
-            raise FloatingPointError(f"non-finite loss at step {step}: " + ", ".join(
-                f"{n}={v:g}" for n, v in zip(names, stats["parts"].tolist())) + "; lower --lr or check the data")
+        check_finite(stats["parts"], step)
         log.record(step, loader.cursor.samples_seen, stats)
         bar.update(1)
         if step % cfg.save_every == 0 or step == total_steps:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.metrics import METRICS
 from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
+from pipeline.objectives import logit_kd_loss
 from pipeline.tasks import PAPER_COLUMNS, TASKS, DataError, Task, find_task_dir, get_task, read_split
 
 # `--grid` without explicit lists: the learning rates and batch sizes tried for every task.
@@ -179,17 +180,14 @@ def task_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 def kd_loss(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             alpha: float, temperature: float) -> torch.Tensor:
-    """(1 - alpha) x task loss + alpha x KD: T^2 KL(teacher_T || student_T) on labelled positions
-    (Hinton et al. 2015), or MSE to the teacher's prediction for regression."""
-    if task.kind == "regression":
-        distill = F.mse_loss(logits.float(), teacher_logits.float())
-    else:
-        keep = labels.reshape(-1) != -100  # token tasks: first sub-tokens only
-        student = logits.float().reshape(-1, logits.size(-1))[keep] / temperature
-        teacher = teacher_logits.float().reshape(-1, logits.size(-1))[keep] / temperature
-        distill = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
-                           reduction="batchmean") * temperature**2
-    return (1 - alpha) * task_loss(task, logits, labels) + alpha * distill
+    """The paper's task-specific KD: alpha x soft (T^2 KL to the teacher, MSE for regression) +
+    (1 - alpha) x task loss; token tasks on their labelled positions (first sub-tokens) only."""
+    classes = logits.size(-1)
+    logits, teacher_logits, labels = logits.reshape(-1, classes), teacher_logits.reshape(-1, classes), labels.reshape(-1)
+    if task.kind == "token":
+        keep = labels != -100
+        logits, teacher_logits, labels = logits[keep], teacher_logits[keep], labels[keep]
+    return logit_kd_loss(logits, teacher_logits, temperature, labels=labels, alpha=alpha)[0]
 
 
 def score(task: Task, examples: list, predictions: list) -> dict[str, float]:

@@ -230,11 +230,47 @@ class FeedForward(nn.Module):
 def moe_feed_forward(config: StudentConfig, num_experts: int | None = None) -> nn.Module:
     """DeepSpeed's classic MoE block with `num_experts` copies of FeedForward (re-initialised by Student)."""
     from deepspeed.moe.layer import MoE  # imported here: importing deepspeed costs ~3 s
+    from deepspeed.moe.sharded_moe import gumbel_rsample, multiplicative_jitter
 
-    return MoE(config.hidden_size, FeedForward(config), num_experts=num_experts or config.num_experts,
-               ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
-               eval_capacity_factor=config.capacity_factor, min_capacity=0, noisy_gate_policy=config.router_noise,
-               drop_tokens=config.drop_tokens, use_rts=config.drop_tokens)
+    class SortedDispatchMoE(MoE):
+        """deepspeed.moe.layer.MoE whose local top-1, no-drop case dispatches by sorting tokens by expert.
+
+        DeepSpeed's dispatch pads every expert to a common capacity and copies tokens through
+        (E, C, H) buffers; with one expert-parallel rank and nothing dropped there is nothing to pad
+        or exchange, so tokens are grouped by a stable sort instead (BENCHMARKS.md, "Models"). The
+        routing, noise, aux loss and counts are DeepSpeed's top1gating, step for step; with ep_size > 1,
+        token dropping or top-2 the DeepSpeed path runs."""
+
+        def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
+            gate = self.deepspeed_moe.gate
+            if self.ep_size > 1 or gate.drop_tokens or gate.k != 1:
+                return super().forward(hidden_states, used_token)
+            x = hidden_states.reshape(-1, hidden_states.size(-1))  # (S, H)
+            noise = gate.noisy_gate_policy if self.training else None
+            gate_input = multiplicative_jitter(x.float(), device=x.device) if noise == "Jitter" else x.float()
+            logits = F.linear(gate_input, gate.wg.weight.float())  # (S, E)
+            probs = logits.softmax(-1)
+            choice = (logits + gumbel_rsample(logits.shape, device=x.device) if noise == "RSample" else probs).argmax(-1)
+            # Sort tokens by expert; padding (used_token 0) gets the extra id E and sorts last, unrouted.
+            expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, self.num_experts)
+            sorted_experts, order = torch.sort(expert_of, stable=True)
+            sizes = torch.bincount(sorted_experts, minlength=self.num_experts + 1)  # (E + 1,)
+            counts = sizes[:self.num_experts]
+            *chunks, padding = x.index_select(0, order).split(sizes.tolist())
+            experts = self.deepspeed_moe.experts.deepspeed_experts
+            out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)] + [torch.zeros_like(padding)])
+            # Back to token order, scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
+            y = torch.empty_like(out).index_copy_(0, order, out) * probs.gather(1, choice[:, None])
+            # Switch/GShard balance loss as DeepSpeed computes it: E * sum_e mean_s(p_se) * routed_e / S.
+            l_aux = self.num_experts * (probs.mean(0) * counts.float() / x.size(0)).sum()
+            self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts = l_aux, counts
+            return y.to(x.dtype).view_as(hidden_states), l_aux, counts
+
+    return SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts or config.num_experts,
+                             ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
+                             eval_capacity_factor=config.capacity_factor, min_capacity=0,
+                             noisy_gate_policy=config.router_noise, drop_tokens=config.drop_tokens,
+                             use_rts=config.drop_tokens)
 
 
 class TransformerLayer(nn.Module):

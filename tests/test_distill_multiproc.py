@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--experts", "4", "--micro-batch-size", "8"]
 
 pytestmark = pytest.mark.multiproc
@@ -27,12 +27,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], procs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """./launch.sh distill on `procs` local CPU ranks; returns the finished process (stdout+stderr in .stdout)."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = ["bash", str(REPO / "launch.sh"), "distill", "--num-procs", str(procs), "--master-port", str(free_port()), *args]
-    return subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+def run_group(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run a launcher command; on timeout kill its whole process group (launcher and ranks), then fail."""
+    # PATH stays as it is: a PATH with another `ninja` first would make DeepSpeed rebuild its JIT op.
+    env = {**os.environ, "PYTHON": sys.executable}
+    with subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as process:
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, _ = process.communicate()
+            pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-3000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, out)
+
+
+def launch(args: list[str], procs: int = 2) -> subprocess.CompletedProcess:
+    """./launch.sh distill on `procs` local CPU ranks (stdout and stderr together in .stdout)."""
+    return run_group(["bash", str(REPO / "launch.sh"), "distill", "--num-procs", str(procs),
+                      "--master-port", str(free_port()), *args])
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -93,11 +106,9 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
     subprocess.run([sys.executable, "-m", "pipeline.export", str(full), str(model_dir)], cwd=REPO, check=True,
                    capture_output=True)
     probe_out = tmp_path / "probe.pt"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    probe = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                            str(REPO / "tests" / "distill_probe.py"), str(checkpoints / "step-00000024"),
-                            str(wiki_shards), str(probe_out)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=300)
+    probe = run_group([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+                       str(REPO / "tests" / "distill_probe.py"), str(checkpoints / "step-00000024"), str(wiki_shards),
+                       str(probe_out)])
     assert probe.returncode == 0, probe.stdout[-3000:]
     from pipeline.model import Student
 

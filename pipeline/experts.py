@@ -1,0 +1,110 @@
+"""Expert SVD analysis: the paper's memory-efficiency table (Zhang et al. 2023, Sec. 5).
+
+For the dense student, and for each expert of a MiniMoE student, the share of the FFN weight matrices'
+singular values (each normalised by its matrix's largest) above 0.2, 0.1 and 0.05, and how many of the
+transformer's parameters a rank truncation at 0.1 would keep: a matrix (out, in) of kept rank r costs
+r x (out + in) as two factors, or out x in if that is smaller. Experts with a fast-decaying spectrum
+are compressible; pipeline.compress applies the truncation.
+
+    python -m pipeline.report experts DIR
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.model import EXPERT_KEY, Student
+
+THRESHOLDS = (0.2, 0.1, 0.05)
+KEEP_THRESHOLD = 0.1
+
+
+def normalised_singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of a 2-D weight divided by the largest, descending."""
+    values = torch.linalg.svdvals(weight.detach().double())
+    return values / values[0]
+
+
+def kept_rank(weight: torch.Tensor, threshold: float) -> int:
+    """Number of normalised singular values above `threshold` (at least 1)."""
+    return max(1, int((normalised_singular_values(weight) > threshold).sum()))
+
+
+def factored_params(shape: tuple[int, int], rank: int) -> int:
+    """Weight parameters of a (out, in) matrix stored as rank-`rank` factors, or dense if that is smaller."""
+    out_features, in_features = shape
+    return min(rank * (out_features + in_features), out_features * in_features)
+
+
+@dataclass
+class SpectrumRow:
+    """One row of the table: the dense FFN or one expert, over all layers and both FFN matrices."""
+
+    name: str
+    above: dict[float, int] = field(default_factory=lambda: dict.fromkeys(THRESHOLDS, 0))
+    singular_values: int = 0
+    params: int = 0
+    params_kept: int = 0
+
+    def share(self, threshold: float) -> float:
+        return self.above[threshold] / self.singular_values
+
+
+@dataclass
+class ExpertReport:
+    rows: list[SpectrumRow]
+    transformer_params: int
+    """Parameters of the transformer layers (attention, FFNs or experts, router, norms; no embeddings)."""
+    transformer_params_kept: int
+    """The same after truncating every FFN matrix at KEEP_THRESHOLD."""
+
+    def markdown(self) -> str:
+        head = " | ".join(f"SV > {t}" for t in THRESHOLDS)
+        lines = [f"| FFN | {head} | FFN params | kept at {KEEP_THRESHOLD} |", "|---|" + "---:|" * (len(THRESHOLDS) + 2)]
+        for row in self.rows:
+            shares = " | ".join(f"{100 * row.share(t):.1f}%" for t in THRESHOLDS)
+            lines.append(f"| {row.name} | {shares} | {row.params / 1e6:.2f} M | {row.params_kept / 1e6:.2f} M |")
+        kept = self.transformer_params_kept / self.transformer_params
+        lines.append(f"\nTransformer params: {self.transformer_params / 1e6:.2f} M -> {self.transformer_params_kept / 1e6:.2f} M "
+                     f"kept at threshold {KEEP_THRESHOLD} ({100 * kept:.1f}%).")
+        return "\n".join(lines) + "\n"
+
+
+def ffn_group(name: str) -> str:
+    """'dense' or 'expert E' for an FFN Linear's module path."""
+    match = EXPERT_KEY.match(name)
+    return "dense" if match is None else f"expert {match[2]}"
+
+
+def analyse(student: Student, threshold: float = KEEP_THRESHOLD) -> ExpertReport:
+    """The memory-efficiency table of a loaded student."""
+    rows: dict[str, SpectrumRow] = defaultdict(lambda: SpectrumRow(""))
+    saved = 0
+    for name, linear in student.ffn_linears().items():
+        row = rows[ffn_group(name)]
+        row.name = ffn_group(name)
+        spectrum = normalised_singular_values(linear.weight)
+        for t in THRESHOLDS:
+            row.above[t] += int((spectrum > t).sum())
+        row.singular_values += len(spectrum)
+        rank = kept_rank(linear.weight, threshold)
+        kept = factored_params(tuple(linear.weight.shape), rank) + _bias_params(linear)
+        row.params += sum(p.numel() for p in linear.parameters())
+        row.params_kept += kept
+        saved += sum(p.numel() for p in linear.parameters()) - kept
+    total = sum(p.numel() for p in student.layers.parameters())
+    order = sorted(rows, key=lambda g: (g != "dense", int(g.split()[-1]) if g != "dense" else 0))
+    return ExpertReport([rows[g] for g in order], total, total - saved)
+
+
+def _bias_params(linear: nn.Linear) -> int:
+    return 0 if linear.bias is None else linear.bias.numel()
+
+
+def report(model_dir: str | Path) -> str:
+    """`python -m pipeline.report experts DIR`: the table for an exported (or finetuned) student dir."""
+    return analyse(Student.from_pretrained(model_dir)).markdown()

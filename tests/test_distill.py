@@ -1,0 +1,159 @@
+"""pipeline.distill in one process: config precedence and validation, DeepSpeed config checks, the LR
+schedule, optimizer groups, router statistics, collapse detection, the NaN stop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import distill
+from pipeline.distill import DistillConfig, lr_factor, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ["--teacher", "t", "--shards", "s"]
+
+
+def test_lr_schedule_by_hand():
+    # 2 warmup steps of 10: 1/2, 2/2, then (10 - s) / 8 down to 1/8 at the last step.
+    assert [lr_factor(s, 2, 10) for s in range(10)] == [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]
+    assert lr_factor(0, 0, 4) == 1.0 and lr_factor(4, 0, 4) == 0.0
+
+
+def test_config_precedence_defaults_file_flags(tmp_path):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"lr": 1e-3, "max_steps": 5, "teacher": "from-file", "student_config": None}))
+    cfg = parse_config(["--config", str(file), "--lr", "2e-3", "--shards", "s", "--resume", "--local_rank=1"])
+    assert (cfg.lr, cfg.max_steps, cfg.teacher, cfg.resume) == (2e-3, 5, "from-file", True)
+    assert cfg.weight_decay == 0.01 and cfg.max_grad_norm == 5.0 and cfg.warmup == 0.01  # the paper's recipe
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr_max": 1.0}, "unknown field 'lr_max'"),
+    ({"max_steps": "ten"}, "field 'max_steps' must be int, got 'ten'"),
+    ({"resume": 1}, "field 'resume' must be bool, got 1"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, values, message):
+    file = tmp_path / "bad.json"
+    file.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=f"bad.json: {message}"):
+        parse_config(["--config", str(file), *REQUIRED])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="--teacher is required"):
+        parse_config(["--shards", "s"])
+    with pytest.raises(ValueError, match=r"--warmup must be in \[0, 1\) \(got 1.5\)"):
+        parse_config([*REQUIRED, "--warmup", "1.5"])
+    with pytest.raises(SystemExit):
+        parse_config([*REQUIRED, "--lr", "fast"])
+
+
+def test_every_field_has_help(capsys):
+    docs = distill.field_docs(DistillConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(DistillConfig)}
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(DistillConfig):
+        assert "--" + field.name.replace("_", "-") in text
+    assert "the paper: 1%" in text
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs(path):
+    cfg = DistillConfig(teacher="t", shards="s", deepspeed_config=str(path), micro_batch_size=3, grad_accum=2)
+    raw = json.loads(path.read_text())
+    assert raw["zero_optimization"]["stage"] in (0, 1, 2)
+    if raw.get("fp16", {}).get("enabled"):
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            with pytest.raises(ValueError, match="fp16 is not supported on the cpu accelerator"):
+                distill.deepspeed_config(cfg)
+            return
+    ds = distill.deepspeed_config(cfg)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (3, 2, 5.0)
+    assert distill.compute_dtype(ds) == (torch.bfloat16 if "bf16" in path.name else torch.float32)
+
+
+def test_zero3_and_owned_keys_are_refused_with_exit_2(tmp_path, capsys):
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert distill.main([*REQUIRED, "--deepspeed-config", str(zero3)]) == 2
+    assert f"error: {zero3}: ZeRO stage 3 is not supported" in capsys.readouterr().err
+    owned = tmp_path / "owned.json"
+    owned.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 2}}))
+    assert distill.main([*REQUIRED, "--deepspeed-config", str(owned)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {owned}: 'optimizer' is set by minimoe-distill (--lr / --weight-decay)" in err
+    assert "Traceback" not in err
+
+
+def test_student_config_from_preset_flags_and_file(teacher_dir, tmp_path):
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.model import StudentConfig
+
+    tokenizer = load_tokenizer(str(teacher_dir))
+    preset = distill.student_config(DistillConfig(teacher="t", shards="s"), tokenizer)
+    assert (preset.num_layers, preset.hidden_size, preset.num_experts, preset.vocab_size) == (3, 384, 4, 30522)
+    tiny = distill.student_config(DistillConfig(teacher="t", shards="s", layers=2, hidden=64, heads=4, ep_size=2), tokenizer)
+    assert (tiny.num_layers, tiny.hidden_size, tiny.intermediate_size, tiny.num_heads, tiny.ep_size) == (2, 64, 256, 4, 2)
+    file = tmp_path / "student.json"
+    file.write_text(json.dumps(StudentConfig(num_layers=4, hidden_size=192, num_experts=1).to_dict()))
+    dense = distill.student_config(DistillConfig(teacher="t", shards="s", student_config=str(file)), tokenizer)
+    assert (dense.num_layers, dense.hidden_size, dense.num_experts) == (4, 192, 1)
+    with pytest.raises(ValueError, match="num_experts 3 must be >= 1 and a multiple of ep_size 2"):
+        distill.student_config(DistillConfig(teacher="t", shards="s", experts=3, ep_size=2), tokenizer)
+
+
+def tiny_moe():
+    from pipeline.model import Student, StudentConfig
+
+    torch.manual_seed(0)
+    return Student(StudentConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, num_experts=4))
+
+
+def test_param_groups_split_decay_and_experts():
+    from deepspeed.moe.utils import is_moe_param
+
+    model = tiny_moe()
+    groups = distill.param_groups(model, weight_decay=0.01)
+    seen = [p for g in groups for p in g["params"]]
+    assert len(seen) == len(list(model.parameters())) and len({id(p) for p in seen}) == len(seen)
+    for group in groups:
+        assert all((p.ndim >= 2) == (group["weight_decay"] == 0.01) for p in group["params"])
+        assert all(is_moe_param(p) == bool(group.get("moe")) for p in group["params"])
+    assert any(g.get("moe") for g in groups) and any(not g.get("moe") for g in groups)
+
+
+def test_router_entropy_of_a_uniform_router_is_log_experts():
+    model = tiny_moe().eval()
+    for layer in model.layers:
+        torch.nn.init.zeros_(layer.ffn.deepspeed_moe.gate.wg.weight)  # equal logits: entropy log(4)
+    stats = distill.RouterStats(model, torch.device("cpu"))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    model(torch.randint(1, 100, (2, 4)), mask)
+    sums = stats.take()
+    assert sums[:, 1].tolist() == [5.0, 5.0]  # real tokens only
+    torch.testing.assert_close(sums[:, 0] / sums[:, 1], torch.full((2,), math.log(4)))
+    assert stats.take().sum() == 0  # reset
+
+
+def test_starved_experts_over_the_window():
+    # 3 steps, 2 layers, 4 experts: layer 1 expert 3 gets 1 token of 60 (1.7%) in total.
+    counts = torch.tensor([[[5, 5, 5, 5], [20, 0, 0, 0]], [[5, 5, 5, 5], [0, 20, 0, 0]], [[5, 5, 5, 5], [0, 0, 19, 1]]],
+                          dtype=torch.float)
+    starved = distill.starved_experts(counts, 0.05)
+    assert list(starved) == [(1, 3)]
+    assert starved[(1, 3)] == pytest.approx([1 / 3, 1 / 3, 19 / 60, 1 / 60])
+    assert distill.starved_experts(counts, 0.01) == {}
+
+
+def test_non_finite_loss_names_the_step():
+    distill.check_finite(torch.tensor([0.5, 0.4, 0.5, 0.6, 0.01]), 3)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 17: loss=nan, qq=0.4, kk=inf"):
+        distill.check_finite(torch.tensor([float("nan"), 0.4, float("inf"), 0.6, 0.01]), 17)
