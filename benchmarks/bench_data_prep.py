@@ -2,9 +2,10 @@
 
 Ceiling: the fast tokenizer alone (one thread, batches of 1,000 paragraphs, ids read back) over
 the same documents, read beforehand. Pipeline: the real command as a subprocess, wall time from
-start to exit (Python start-up and imports included), peak RSS of its process tree (the sum over
-the driver and its workers, sampled every 0.1 s). Throughput = corpus tokens (counted by the
-ceiling run) / seconds, so ratios are ratios of times.
+start to exit (Python start-up and imports included), CPU time of its process tree, peak RSS of
+the tree (the sum over the driver and its workers, sampled every 0.1 s). Throughput = corpus
+tokens (counted by the ceiling run) / seconds, so ratios are ratios of times. On a shared machine
+wall times are noisy; the CPU-time ratio against the ceiling is the steadier efficiency figure.
 
     python benchmarks/bench_data_prep.py                 # all 100 files of ../shared/data/wikipedia/AA
     python benchmarks/bench_data_prep.py --files 20      # a subset, on a busy machine
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,27 +34,32 @@ WIKIPEDIA = REPO.parent / "shared" / "data" / "wikipedia" / "AA"
 BATCH = 1000
 
 
-def tokenizer_ceiling(files: list[Path], tokenizer_path: str) -> tuple[int, float, float]:
-    """(corpus tokens, seconds of encode_batch_fast, seconds of the public tokenizer(...) call)."""
+def tokenizer_ceiling(files: list[Path], tokenizer_path: str) -> tuple[int, float, float, float]:
+    """(corpus tokens, seconds of encode_batch_fast, its CPU seconds, seconds of the public tokenizer(...) call)."""
     tokenizer, encoder = open_tokenizer(tokenizer_path)
     paragraphs = [line for f in files for doc in read_documents(f, "wikiextractor", ReadCounts())
                   for line in doc.split("\n") if line.strip()]
     batches = [paragraphs[i:i + BATCH] for i in range(0, len(paragraphs), BATCH)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokens = sum(len(e.ids) for b in batches for e in encoder.encode_batch_fast(b, add_special_tokens=False))
-    backend_seconds = time.perf_counter() - start
+    backend_seconds, backend_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     start = time.perf_counter()
     for b in batches:
         tokenizer(b, add_special_tokens=False)["input_ids"]
-    return tokens, backend_seconds, time.perf_counter() - start
+    return tokens, backend_seconds, backend_cpu, time.perf_counter() - start
 
 
-def run_build(files: list[Path], workers: int) -> tuple[float, int]:
-    """(seconds, peak RSS bytes of the process tree) of one build into a fresh directory."""
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_build(files: list[Path], workers: int) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, peak RSS bytes of the process tree) of one build into a fresh directory."""
     with tempfile.TemporaryDirectory() as output:
         command = [sys.executable, "-m", "data_prep", "build", "--input", *map(str, files), "--output", output,
                    "--workers", str(workers)]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), children_cpu_seconds()
         process = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak = 0
         while process.poll() is None:
@@ -65,7 +72,7 @@ def run_build(files: list[Path], workers: int) -> tuple[float, int]:
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             sys.exit(f"error: {' '.join(command[:6])} ... exited with {process.returncode}")
-        return seconds, peak
+        return seconds, children_cpu_seconds() - cpu_start, peak
 
 
 def main() -> None:
@@ -79,23 +86,24 @@ def main() -> None:
         sys.exit(f"error: no input files in {args.input}")
     tokenizer_path = default_tokenizer()
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    tokens, backend_seconds, public_seconds = tokenizer_ceiling(files, tokenizer_path)
+    load_before = os.getloadavg()[0]
+    tokens, backend_seconds, backend_cpu, public_seconds = tokenizer_ceiling(files, tokenizer_path)
     runs = {w: run_build(files, w) for w in args.workers}
 
     print(f"{len(files)} files of {args.input} ({megabytes:.0f} MB, {tokens:,} tokens), {platform.node()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+          f"{os.cpu_count()} CPUs, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after")
     print()
-    print("| run | seconds | tokens/s | / ceiling | / 1 worker | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|")
-    ceiling = tokens / backend_seconds
-    print(f"| tokenizer alone, encode_batch_fast (ceiling) | {backend_seconds:.1f} | {ceiling:,.0f} | 1.00 | | |")
+    print("| run | seconds | tokens/s | / ceiling | / 1 worker | CPU s | CPU / ceiling's | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| tokenizer alone, encode_batch_fast (ceiling) | {backend_seconds:.1f} | {tokens / backend_seconds:,.0f} | 1.00 "
+          f"| | {backend_cpu:.1f} | 1.00 | |")
     print(f"| tokenizer alone, tokenizer(batch) | {public_seconds:.1f} | {tokens / public_seconds:,.0f} "
-          f"| {backend_seconds / public_seconds:.2f} | | |")
+          f"| {backend_seconds / public_seconds:.2f} | | | | |")
     one = runs.get(1, (None,))[0]
-    for workers, (seconds, peak) in runs.items():
+    for workers, (seconds, cpu, peak) in runs.items():
         speedup = f"{one / seconds:.2f}" if one else ""
         print(f"| data_prep build, {workers} worker{'s' * (workers > 1)} | {seconds:.1f} | {tokens / seconds:,.0f} "
-              f"| {backend_seconds / seconds:.2f} | {speedup} | {peak / 2**20:,.0f} MiB |")
+              f"| {backend_seconds / seconds:.2f} | {speedup} | {cpu:.1f} | {backend_cpu / cpu:.2f} | {peak / 2**20:,.0f} MiB |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The build: input file i -> shard i, in a pool of workers, restart-safe; then manifest.json.
 
 Unit of work = one input file. A worker streams it in chunks of `chunk_documents` documents:
-sentences -> token ids (one batched call to the fast tokenizer) -> pairs -> one Arrow record
+sentences -> token ids (batched calls to the fast tokenizer) -> pairs -> one Arrow record
 batch. Each chunk is seeded from (seed, file index, chunk index), so a shard's bytes depend only
 on its file and the settings: not on --workers, the partitions, or the order units finish in.
 
@@ -56,15 +56,20 @@ def default_tokenizer() -> str:
 
 
 def open_tokenizer(path: str):
-    """load_tokenizer with a one-line error; the raw Rust tokenizer without truncation or padding
-    (tokenizer.json files often carry max_length=128 settings meant for the model)."""
+    """(the Hugging Face tokenizer, its Rust tokenizer set up for raw text), or a one-line error.
+
+    The Rust tokenizer gets no truncation or padding (tokenizer.json files often carry the model's
+    max_length=128), and reads "[SEP]" written in a document as text, not as the special token."""
     try:
         tokenizer = load_tokenizer(path)
     except Exception as e:  # OSError, ValueError, ...: all mean "not a usable tokenizer directory"
         raise DataPrepError(f"--tokenizer {path}: cannot load a fast tokenizer: {str(e).splitlines()[0]}") from None
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise DataPrepError(f"--tokenizer {path}: no [CLS]/[SEP] (cls_token, sep_token) tokens for sentence pairs")
     encoder = tokenizer.backend_tokenizer
     encoder.no_truncation()
     encoder.no_padding()
+    encoder.encode_special_tokens = True
     return tokenizer, encoder
 
 

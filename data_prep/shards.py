@@ -75,8 +75,9 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write `obj` as indented JSON under a temporary name, then rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write `obj` as indented JSON under a temporary name, then rename (readers never see half a
+    file; partitions writing the same plan.json at once each use their own temporary)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 

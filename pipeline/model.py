@@ -81,23 +81,18 @@ class StudentConfig:
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        checks = {
-            "hidden_size": self.hidden_size % self.num_heads == 0,
-            "num_experts": self.num_experts >= 1 and self.num_experts % self.ep_size == 0,
-            "top_k": 1 <= self.top_k <= min(2, self.num_experts),
-            "router_noise": self.router_noise in (None, "RSample", "Jitter"),
-            "ep_size": self.ep_size >= 1,
-        }
-        messages = {
-            "hidden_size": f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}",
-            "num_experts": f"num_experts {self.num_experts} must be >= 1 and a multiple of ep_size {self.ep_size}",
-            "top_k": f"top_k {self.top_k} must be 1 or 2 and <= num_experts {self.num_experts}",
-            "router_noise": f"router_noise {self.router_noise!r} must be 'RSample', 'Jitter' or null",
-            "ep_size": f"ep_size {self.ep_size} must be >= 1",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"StudentConfig.{name}: {messages[name]}")
+        problems = [message for ok, message in [
+            (self.hidden_size % self.num_heads == 0,
+             f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"),
+            (self.ep_size >= 1, f"ep_size {self.ep_size} must be >= 1"),
+            (self.num_experts >= 1 and self.num_experts % max(self.ep_size, 1) == 0,
+             f"num_experts {self.num_experts} must be >= 1 and a multiple of ep_size {self.ep_size}"),
+            (1 <= self.top_k <= min(2, self.num_experts), f"top_k {self.top_k} must be 1 or 2 and <= num_experts"),
+            (self.router_noise in (None, "RSample", "Jitter"),
+             f"router_noise {self.router_noise!r} must be 'RSample', 'Jitter' or null"),
+        ] if not ok]
+        if problems:
+            raise ValueError("StudentConfig: " + "; ".join(problems))
 
     @property
     def is_moe(self) -> bool:
@@ -167,6 +162,8 @@ class StudentOutput:
     """Scalar: aux_loss_weight x sum of the MoE layers' load-balancing losses (0 for a dense student)."""
     expert_counts: list[torch.Tensor] = field(default_factory=list)
     """Per MoE layer, (E,) tokens routed to each expert on this process (real tokens, before any drop)."""
+    qkv_layer_input: torch.Tensor | None = None
+    """(B, T, H) hidden state entering layer `qkv_layer` (TinyBERT's hidden-state loss)."""
 
 
 class Embeddings(nn.Module):
@@ -439,15 +436,17 @@ class Student(PretrainedMixin, nn.Module):
         key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         used_tokens = attention_mask.reshape(-1).long()  # (B*T,); int: the gate counts with it
         x = self.embeddings(input_ids, token_type_ids)
-        qkv, aux_loss, counts = None, x.new_zeros((), dtype=torch.float32), []
+        qkv, layer_input, aux_loss, counts = None, None, x.new_zeros((), dtype=torch.float32), []
         for index, layer in enumerate(self.layers):
+            if index == wanted:
+                layer_input = x
             x, layer_qkv, aux, layer_counts = layer(x, key_mask, used_tokens)
             aux_loss = aux_loss + aux.float()
             if layer_counts is not None:
                 counts.append(layer_counts)
             if index == wanted:
                 qkv = layer_qkv
-        return StudentOutput(x, qkv, self.config.aux_loss_weight * aux_loss, counts)
+        return StudentOutput(x, qkv, self.config.aux_loss_weight * aux_loss, counts, layer_input)
 
     def ffn_linears(self) -> dict[str, nn.Module]:
         """Every FFN matrix by its module path (dense fc1/fc2, or each expert's fc1/fc2; global expert ids

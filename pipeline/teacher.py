@@ -75,7 +75,9 @@ class Teacher(nn.Module):
     def _capture_hook(self, name: str):
         def hook(module, inputs, output):
             self._captured[name] = output
-            if len(self._captured) == 3:
+            if name == "query":
+                self._captured["input"] = inputs[0]  # (B, T, Ht) hidden state entering the layer
+            if {"query", "key", "value"} <= self._captured.keys():
                 raise _QKVCaptured
         return hook
 
@@ -108,9 +110,10 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # frozen: dropout stays off whatever the caller's mode
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids, attention_mask (B, T) -> q, k, v (B, T, Ht) of the distilled layer."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                return_layer_input: bool = False) -> tuple[torch.Tensor, ...]:
+        """input_ids, attention_mask (B, T) -> q, k, v (B, T, Ht) of the distilled layer, and with
+        return_layer_input the hidden state entering that layer (B, T, Ht) as a fourth tensor (TinyBERT)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self._takes_token_types():
             kwargs["token_type_ids"] = token_type_ids
@@ -120,12 +123,13 @@ class Teacher(nn.Module):
                 self.model(**kwargs)
             except _QKVCaptured:
                 pass
-        if len(self._captured) != 3:
+        if not {"query", "key", "value"} <= self._captured.keys():
             raise RuntimeError("the teacher's forward ended without reaching the distilled layer's Q/K/V")
+        names = ("query", "key", "value", "input")[:4 if return_layer_input else 3]
         # Clones leave inference mode, so the losses may save them for the student's backward.
-        q, k, v = (self._captured[name].clone() for name in ("query", "key", "value"))
+        outputs = tuple(self._captured[name].clone() for name in names)
         self._captured = {}
-        return q, k, v
+        return outputs
 
     def _takes_token_types(self) -> bool:
         # RoBERTa (1 type), MPNet and DistilBERT (none) take no segment ids; our students and BERT do.

@@ -65,7 +65,7 @@ def reference(tmp_path_factory, sample_docs, teacher_dir):
     files = write_wiki_files(root / "in", sample_docs, 7)
     with open(files[3], "ab") as f:
         f.write(b'<doc id="9" title="Empty">\nEmpty\n\n</doc>\n<doc id="10" title="Bad">\nBad\nBroken \xff byte. And \xc3 more.\n'
-                b'More text here.\n')
+                b'More text, with [SEP] and [CLS] written in it.\n')
     assert build(files, root / "out", teacher_dir, "--workers", 1) == 0
     return files, root / "out"
 
@@ -88,6 +88,8 @@ def test_manifest_describes_the_shards(reference, teacher_dir):
         table = pa.ipc.open_stream(path).read_all()
         assert table.schema.field("input_ids").type == pa.list_(pa.uint16())
         assert table.num_rows == shard["num_samples"] > 0
+        for ids in table.column("input_ids").to_pylist():  # "[SEP]" written in a document is text
+            assert ids[0] == 101 and ids.count(101) == 1 and ids.count(102) == 2 and ids[-1] == 102
         assert len(table.column("input_ids").combine_chunks().values) == shard["num_tokens"]
         dataset = datasets.Dataset.from_file(str(path))
         assert len(dataset) == shard["num_samples"] and set(dataset.column_names) == {"input_ids", "token_type_ids", "is_random_next"}

@@ -114,6 +114,11 @@ def test_missing_input_is_an_error_naming_it(tmp_path):
         resolve_inputs([str(tmp_path / "nope*")], "wikiextractor")
 
 
+def test_file_gone_at_read_time_is_an_error(tmp_path):
+    with pytest.raises(DataPrepError, match=r"wiki_99: cannot read as wikiextractor: .*No such file"):
+        read(tmp_path / "wiki_99")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable_input_is_an_error(tmp_path):
     path = tmp_path / "wiki_00"

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--experts", "4", "--micro-batch-size", "8"]
+# 4 relation heads: with the default 32 a 64-wide student has 2 dimensions per relation head and learns slowly.
+TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--experts", "4", "--micro-batch-size", "8",
+        "--relation-heads", "4"]
 
 pytestmark = pytest.mark.multiproc
 
@@ -65,7 +67,7 @@ def wiki_shards(shared_data, teacher_dir, tmp_path_factory) -> Path:
 
 def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, tmp_path):
     common = ["--teacher", str(teacher_dir), "--shards", str(wiki_shards), *TINY, "--ep-size", "2",
-              "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json"), "--max-steps", "24", "--lr", "2e-3",
+              "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json"), "--max-steps", "24", "--lr", "5e-3",
               "--warmup", "0.1", "--log-every", "1", "--save-every", "12", "--seed", "7"]
     full = tmp_path / "full"
     run = launch([*common, "--output", str(full)])
@@ -75,7 +77,7 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
     curve = losses(full)
     assert sorted(curve) == list(range(1, 25))
     first, last = sum(curve[s] for s in range(1, 5)) / 4, sum(curve[s] for s in range(21, 25)) / 4
-    assert last < 0.8 * first, curve
+    assert last < 0.85 * first, curve
     # Checkpoints: latest after the final one, both kept, every rank's RNG, experts 0-3 of both ep ranks.
     checkpoints = full / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000024"
@@ -120,7 +122,14 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
     torch.testing.assert_close(out.last_hidden_state, reference["hidden"], atol=1e-5, rtol=1e-5)
     for mine, theirs in zip(out.qkv, reference["qkv"]):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
-    assert (model_dir / "tokenizer.json").is_file()
+    # Teacher-assistant chain: the exported student is a valid teacher for the same shards.
+    from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pipeline.teacher import Teacher
+
+    assistant = Teacher.from_pretrained(model_dir)
+    assert tokenizer_fingerprint(assistant.tokenizer) == tokenizer_fingerprint(load_tokenizer(str(teacher_dir)))
+    q, k, v = assistant(reference["input_ids"], reference["attention_mask"], reference["token_type_ids"])
+    torch.testing.assert_close(q, reference["qkv"][0], atol=1e-5, rtol=1e-5)
 
 
 def test_refusals_through_the_launcher(wiki_shards, teacher_dir, tmp_path):

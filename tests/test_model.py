@@ -73,8 +73,10 @@ def test_qkv_layer_selects_the_layer():
     model = Student(tiny_config(num_layers=3)).eval()
     ids, mask, _ = batch()
     captured = {}
-    model.layers[1].attention.key.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
-    torch.testing.assert_close(model(ids, mask, qkv_layer=1).qkv[1], captured["k"])
+    model.layers[1].attention.key.register_forward_hook(lambda m, i, o: captured.update(k=o, x=i[0]))
+    out = model(ids, mask, qkv_layer=1)
+    torch.testing.assert_close(out.qkv[1], captured["k"])
+    torch.testing.assert_close(out.qkv_layer_input, captured["x"])
     assert model(ids, mask, qkv_layer=None).qkv is None
 
 

@@ -60,11 +60,11 @@ def test_teacher_is_frozen_and_bf16(teacher_dir, real_batch):
 
 
 def hidden_input_qkv(hf_model, inputs, layer, names):
-    """Reference: the layer's own q/k/v Linears applied to the hidden state entering it."""
+    """Reference: the layer's own q/k/v Linears applied to the hidden state entering it, and that state."""
     with torch.no_grad():
         hidden = hf_model(**inputs, output_hidden_states=True).hidden_states[layer]
         block = hf_model.encoder.layer[layer]
-        return [block.get_submodule(name)(hidden) for name in names]
+        return [block.get_submodule(name)(hidden) for name in names] + [hidden]
 
 
 @pytest.mark.parametrize("arch", ["mpnet", "roberta"])
@@ -81,7 +81,8 @@ def test_tiny_mpnet_and_roberta_teachers(tmp_path, arch):
     teacher = Teacher.from_pretrained(tmp_path, layer=1)
     assert (teacher.num_layers, teacher.num_heads, teacher.hidden_size, teacher.tokenizer) == (3, 4, 32, None)
     # token_type_ids are dropped for architectures without segments
-    got = teacher(**inputs, token_type_ids=torch.zeros(2, 7, dtype=torch.long))
+    got = teacher(**inputs, token_type_ids=torch.zeros(2, 7, dtype=torch.long), return_layer_input=True)
+    assert len(got) == 4
     for actual, expected in zip(got, hidden_input_qkv(hf_model, inputs, 1, names)):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
