@@ -31,6 +31,12 @@ from pipeline import distill  # noqa: E402
 from pipeline.data import ShardDataset, ShardLoader  # noqa: E402
 
 
+def synchronize() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +72,9 @@ class PlainRun:
 
     def __init__(self, cfg: distill.DistillConfig, teacher, shards: ShardDataset):
         self.cfg, self.teacher = cfg, teacher
-        self.student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed).train()
+        self.device = next(teacher.parameters()).device
+        student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed)
+        self.student = student.to(self.device).train()
         decay = [p for p in self.student.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.student.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -79,9 +87,11 @@ class PlainRun:
 
         start, tokens, in_teacher = time.perf_counter(), 0.0, 0.0
         for _ in range(n):
-            batch = self.loader.next_batch()
+            batch = {k: v.to(self.device) for k, v in self.loader.next_batch().items()}
+            synchronize()
             t0 = time.perf_counter()
             teacher_qkv = self.teacher(**batch)
+            synchronize()
             in_teacher += time.perf_counter() - t0
             out = self.student(**batch)
             loss, _ = minilm_relation_loss(out.qkv, teacher_qkv, batch["attention_mask"], self.cfg.relation_heads,
@@ -91,7 +101,7 @@ class PlainRun:
             self.optimizer.step()
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
-            tokens += float(batch["attention_mask"].sum())
+            tokens += float(batch["attention_mask"].sum())  # (a device sync, as the engine's all-reduce)
         return tokens, time.perf_counter() - start, in_teacher
 
 
@@ -103,7 +113,7 @@ def in_process(args) -> dict[str, dict[str, float]]:
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    teacher = Teacher.from_pretrained(args.teacher)
+    teacher = Teacher.from_pretrained(args.teacher).to(get_accelerator().current_device_name())
     shards = ShardDataset(args.shards)
     runs = {}
     for name, experts in (("MiniLM 3L;384H", 1), ("MiniMoE 3L;384H", 4)):

@@ -375,7 +375,8 @@ class RunLog:
                   "lr": self.lr, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                   "tokens_per_s": float(self.sums[5]) / (now - self.since), "samples": samples_seen}
         if self.window:
-            shares = self.window[-1] / self.window[-1].sum(-1, keepdim=True).clamp_min(1)  # (L, E), last step
+            recent = torch.stack(list(self.window)[-self.steps:]).sum(0)  # (L, E) tokens over the interval
+            shares = recent / recent.sum(-1, keepdim=True).clamp_min(1)
             record["expert_shares"] = [[round(s, 4) for s in layer] for layer in shares.tolist()]
             record["router_entropy"] = (self.router[:, 0] / self.router[:, 1].clamp_min(1)).tolist()
         self._reset(now)
@@ -411,6 +412,30 @@ def set_cpu_threads() -> None:
     """Split the cores between the ranks of this node (the launcher leaves OMP_NUM_THREADS unset unless it binds cores)."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", 1))))
+
+
+def seed_rank(seed: int, rank: int, step: int) -> None:
+    """Per-rank dropout and router noise, reproducible from (seed, rank, step)."""
+    torch.manual_seed(seed + 1 + rank + step)
+    random.seed(seed + 1 + rank + step)
+
+
+def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, Any], student: dict[str, Any]) -> int:
+    """Load OUTPUT/checkpoints/latest; -> the step to continue from. On another layout only the weights
+    load: the schedule is set to the step, AdamW moments start at zero, and the user is told."""
+    state, exact = checkpoint.resume(engine, Path(cfg.output) / "checkpoints", layout, student)
+    step = state["step"]
+    loader.load_state_dict(state["data"])
+    if not exact:
+        schedule = engine.lr_scheduler
+        schedule.last_epoch = step
+        for group, base in zip(engine.optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = base * schedule.lr_lambdas[0](step)
+        seed_rank(cfg.seed, dist.get_rank(), step)
+        if dist.get_rank() == 0:
+            print(f"warning: resumed the weights of {state['tag']} only: optimizer state was reset, because the "
+                  f"checkpoint's layout {state['layout']} differs from this run's {layout}", file=sys.stderr)
+    return step
 
 
 def distill(cfg: DistillConfig) -> None:
@@ -455,24 +480,13 @@ def distill(cfg: DistillConfig) -> None:
     root = output / "checkpoints"
     layout = {"world_size": world, "ep_size": cfg.ep_size, "zero_stage": engine.zero_optimization_stage(),
               "dtype": str(compute_dtype(ds))}
-    step = 0
     if cfg.resume:
-        state, exact = checkpoint.resume(engine, root, layout, config.to_dict())
-        step = state["step"]
-        loader.load_state_dict(state["data"])
-        if not exact:
-            schedule.last_epoch = step  # the schedule continues from the step; AdamW moments start at zero
-            for group, base in zip(optimizer.param_groups, schedule.base_lrs):
-                group["lr"] = base * lr_factor(step, warmup_steps, total_steps)
-            torch.manual_seed(cfg.seed + 1 + rank + step)
-            if rank == 0:
-                print(f"warning: resumed the weights of {state['tag']} only: optimizer state was reset, because the "
-                      f"checkpoint's layout {state['layout']} differs from this run's {layout}", file=sys.stderr)
+        step = resume(cfg, engine, loader, layout, config.to_dict())
+    elif checkpoint.latest_tag(root) is not None:
+        raise ValueError(f"{root}: already holds checkpoints; pass --resume to continue, or choose another --output")
     else:
-        if checkpoint.latest_tag(root) is not None:
-            raise ValueError(f"{root}: already holds checkpoints; pass --resume to continue, or choose another --output")
-        torch.manual_seed(cfg.seed + 1 + rank)  # per-rank dropout and router noise
-        random.seed(cfg.seed + 1 + rank)
+        step = 0
+        seed_rank(cfg.seed, rank, step)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         print(f"distilling {cfg.teacher} (layer {teacher.layer}) -> student {config.num_layers}L;{config.hidden_size}H "

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.model import EXPERT_KEY, Student
+from pipeline.model import EXPERT_KEY, LowRankLinear, Student
 
 THRESHOLDS = (0.2, 0.1, 0.05)
 KEEP_THRESHOLD = 0.1
@@ -27,6 +26,11 @@ def normalised_singular_values(weight: torch.Tensor) -> torch.Tensor:
     """Singular values of a 2-D weight divided by the largest, descending."""
     values = torch.linalg.svdvals(weight.detach().double())
     return values / values[0]
+
+
+def ffn_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix of an FFN Linear, or the product of a LowRankLinear's factors."""
+    return module.up.weight @ module.down.weight if isinstance(module, LowRankLinear) else module.weight
 
 
 def kept_rank(weight: torch.Tensor, threshold: float) -> int:
@@ -60,17 +64,18 @@ class ExpertReport:
     transformer_params: int
     """Parameters of the transformer layers (attention, FFNs or experts, router, norms; no embeddings)."""
     transformer_params_kept: int
-    """The same after truncating every FFN matrix at KEEP_THRESHOLD."""
+    """The same after truncating every FFN matrix at `threshold`."""
+    threshold: float = KEEP_THRESHOLD
 
     def markdown(self) -> str:
         head = " | ".join(f"SV > {t}" for t in THRESHOLDS)
-        lines = [f"| FFN | {head} | FFN params | kept at {KEEP_THRESHOLD} |", "|---|" + "---:|" * (len(THRESHOLDS) + 2)]
+        lines = [f"| FFN | {head} | FFN params | kept at {self.threshold} |", "|---|" + "---:|" * (len(THRESHOLDS) + 2)]
         for row in self.rows:
             shares = " | ".join(f"{100 * row.share(t):.1f}%" for t in THRESHOLDS)
             lines.append(f"| {row.name} | {shares} | {row.params / 1e6:.2f} M | {row.params_kept / 1e6:.2f} M |")
         kept = self.transformer_params_kept / self.transformer_params
         lines.append(f"\nTransformer params: {self.transformer_params / 1e6:.2f} M -> {self.transformer_params_kept / 1e6:.2f} M "
-                     f"kept at threshold {KEEP_THRESHOLD} ({100 * kept:.1f}%).")
+                     f"kept at threshold {self.threshold} ({100 * kept:.1f}%).")
         return "\n".join(lines) + "\n"
 
 
@@ -84,27 +89,28 @@ def analyse(student: Student, threshold: float = KEEP_THRESHOLD) -> ExpertReport
     """The memory-efficiency table of a loaded student."""
     rows: dict[str, SpectrumRow] = defaultdict(lambda: SpectrumRow(""))
     saved = 0
-    for name, linear in student.ffn_linears().items():
+    for name, module in student.ffn_linears().items():
         row = rows[ffn_group(name)]
         row.name = ffn_group(name)
-        spectrum = normalised_singular_values(linear.weight)
+        weight = ffn_weight(module)
+        spectrum = normalised_singular_values(weight)
         for t in THRESHOLDS:
             row.above[t] += int((spectrum > t).sum())
         row.singular_values += len(spectrum)
-        rank = kept_rank(linear.weight, threshold)
-        kept = factored_params(tuple(linear.weight.shape), rank) + _bias_params(linear)
-        row.params += sum(p.numel() for p in linear.parameters())
+        params = sum(p.numel() for p in module.parameters())
+        kept = min(params, factored_params(tuple(weight.shape), kept_rank(weight, threshold)) + weight.shape[0])  # + bias
+        row.params += params
         row.params_kept += kept
-        saved += sum(p.numel() for p in linear.parameters()) - kept
+        saved += params - kept
     total = sum(p.numel() for p in student.layers.parameters())
     order = sorted(rows, key=lambda g: (g != "dense", int(g.split()[-1]) if g != "dense" else 0))
-    return ExpertReport([rows[g] for g in order], total, total - saved)
+    return ExpertReport([rows[g] for g in order], total, total - saved, threshold)
 
 
-def _bias_params(linear: nn.Linear) -> int:
-    return 0 if linear.bias is None else linear.bias.numel()
-
-
-def report(model_dir: str | Path) -> str:
-    """`python -m pipeline.report experts DIR`: the table for an exported (or finetuned) student dir."""
-    return analyse(Student.from_pretrained(model_dir)).markdown()
+def add_experts_parser(subparsers) -> None:
+    """`python -m pipeline.report experts DIR [DIR ...]` (registered in pipeline/report.py)."""
+    p = subparsers.add_parser("experts", help="singular-value spectrum of the FFN / each expert (memory-efficiency table)")
+    p.add_argument("models", nargs="+", help="exported student dirs (dense or MiniMoE; finetuned head dirs too)")
+    p.add_argument("--threshold", type=float, default=KEEP_THRESHOLD, help="threshold of the params-kept column")
+    p.set_defaults(func=lambda args: print("\n".join(f"## {m}\n\n" + analyse(Student.from_pretrained(m), args.threshold).markdown()
+                                                    for m in args.models)))

@@ -406,8 +406,11 @@ class Student(PretrainedMixin, nn.Module):
             linear = self.ffn_linears().get(path)
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"StudentConfig.ffn_ranks: {path!r} is not an FFN Linear of this student")
+            low_rank = LowRankLinear(linear.in_features, linear.out_features, rank)
+            for param in low_rank.parameters():  # keep DeepSpeed's expert marks (allreduce=False, group_name)
+                param.__dict__.update({k: v for k, v in vars(linear.weight).items() if k in ("allreduce", "group_name")})
             parent, name = path.rsplit(".", 1)
-            setattr(self.get_submodule(parent), name, LowRankLinear(linear.in_features, linear.out_features, rank))
+            setattr(self.get_submodule(parent), name, low_rank)
         # Re-initialise everything after construction: DeepSpeed deep-copies one expert E times, and
         # identical experts would receive identical updates until the router separates them.
         self.apply(self._init_weights)

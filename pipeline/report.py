@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.experts import add_experts_parser
 from pipeline.model import STUDENT_PRESETS, Student, StudentConfig, is_student_dir
 
 TOKENS_PER_SEQUENCE = 128  # the paper's sequence length for GFLOPs
@@ -148,7 +149,7 @@ def add_compute_parser(subparsers) -> None:
 
 
 # Subcommands: name -> function adding its parser (sets `func`). Other stages register theirs here.
-SUBCOMMANDS = {"compute": add_compute_parser}
+SUBCOMMANDS = {"compute": add_compute_parser, "experts": add_experts_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

