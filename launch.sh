@@ -19,6 +19,9 @@ launch options (taken by this script, anywhere on the line):
   --bind-cores       pin each CPU rank to its own cores (needs numactl; ~25% faster on CPUs)
   --dry-run          print the command, do not run it
 
+environment: PYTHON=/path/to/python runs that interpreter's launcher (python -m deepspeed.launcher.runner)
+instead of the `deepspeed` command on PATH.
+
 examples:
   # MiniMoE 3L;384H from the packaged teacher on all local devices, ZeRO-2 fp32
   ./launch.sh distill --teacher TEACHER_DIR --shards runs/shards --output runs/minimoe-3l

@@ -260,8 +260,8 @@ def init_single_process() -> None:
 
 
 def deepspeed_config(path: str | None, batch_size: int) -> dict:
-    """The ds_config (ZeRO stage, precision); batch sizes come from --batch-size, optimizer and schedule
-    from --lr/--warmup, so a config that sets them is refused rather than silently overridden."""
+    """The ds_config (ZeRO stage, precision) with the batch keys set from --batch-size. Optimizer and
+    schedule come from --lr/--warmup, so a config that sets them is refused rather than ignored."""
     config = {"zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
     if path:
         try:
@@ -281,7 +281,7 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
@@ -336,19 +336,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
         sampler.set_epoch(epoch)
         engine.train()
         for batch in loader:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            out = engine(**batch)
-            aux = getattr(out, "aux_loss", None)
-            aux = torch.zeros((), device=engine.device) if aux is None else aux.float()
-            if teacher is None:
-                loss = task_loss(task, out.logits, labels)
-            else:
-                with torch.no_grad():
-                    teacher_logits = teacher(**batch).logits
-                loss = kd_loss(task, out.logits, teacher_logits, labels, config.kd_alpha, config.temperature)
-            engine.backward(loss + aux)
-            engine.step()
+            loss, aux = train_step(engine, teacher, task, batch, config)
             step += 1
             progress.update()
             if writer and step % 10 == 0:
@@ -374,7 +362,8 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
         "metrics": best["metrics"] if best else None, "score": best["score"] if best else None,
         "best_step": best["step"] if best else None, "unlabelled_words": best["unlabelled_words"] if best else None,
         "history": history, "majority_baseline": majority_baseline(task, data),
-        "train_examples": len(data.train), "steps": total_steps, "train_seconds": round(seconds, 1),
+        "train_examples": len(data.train), "steps": total_steps,
+        "seconds": round(seconds, 1),  # training and the dev evaluations after each epoch
         "train_examples_per_second": round(config.epochs * len(data.train) / seconds, 1),
         "model_dir": str(output / "model"), "config": dataclasses.asdict(config),
     }
@@ -382,6 +371,24 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
         write_json(output / "results.json", results)
         writer.close()
     return results
+
+
+def train_step(engine, teacher, task: Task, batch: dict[str, torch.Tensor], config: FinetuneConfig):
+    """One optimizer step on task loss (or KD) + the student's MoE aux loss (HF models have none)."""
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    out = engine(**batch)
+    aux = getattr(out, "aux_loss", None)
+    aux = torch.zeros((), device=engine.device) if aux is None else aux.float()
+    if teacher is None:
+        loss = task_loss(task, out.logits, labels)
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher(**batch).logits
+        loss = kd_loss(task, out.logits, teacher_logits, labels, config.kd_alpha, config.temperature)
+    engine.backward(loss + aux)
+    engine.step()
+    return loss, aux
 
 
 def evaluate(model, task: Task, data: TaskData, batch_size: int, pad_id: int, step: int, writer) -> dict:
@@ -464,8 +471,9 @@ def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) ->
     """Finetune every model on every task whose data is present (existing results.json are reused,
     so an interrupted suite resumes), then write results.md and results.json under config.output."""
     output, rows, summary = Path(config.output), {}, {}
-    for model in models:
-        name = Path(model).name
+    for spec in models:
+        name, _, model = spec.rpartition("=")  # "NAME=DIR" names the row; a bare DIR is named after its folder
+        name = name or Path(model).name
         results = {}
         for task_name in tasks or SUITE_ORDER:
             task = get_task(task_name)
@@ -511,7 +519,7 @@ def build_parser(suite_command: bool) -> argparse.ArgumentParser:
             continue
         parser.add_argument(flag, type=ARGUMENT_TYPES[f.type], default=f.default, **kwargs)
     if suite_command:
-        parser.add_argument("--model", nargs="+", required=True, help="model dir(s); one table row each")
+        parser.add_argument("--model", nargs="+", required=True, help="model dirs, one table row each: DIR or NAME=DIR")
         parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks to run (default: all present of {SUITE_ORDER})")
     return parser
 

@@ -47,10 +47,10 @@ def run_group(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(cmd, process.returncode, out)
 
 
-def launch(args: list[str], procs: int = 2) -> subprocess.CompletedProcess:
+def launch(args: list[str], procs: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
     """./launch.sh distill on `procs` local CPU ranks (stdout and stderr together in .stdout)."""
     return run_group(["bash", str(REPO / "launch.sh"), "distill", "--num-procs", str(procs),
-                      "--master-port", str(free_port()), *args])
+                      "--master-port", str(free_port()), *args], timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -160,7 +160,7 @@ def test_real_run_relation_loss_halves_and_no_expert_collapses(wiki_shards, teac
     run = launch(["--teacher", str(teacher_dir), "--shards", str(wiki_shards), "--output", str(out),
                   "--student", "4L192H", "--experts", "4", "--ep-size", "2", "--relation-heads", "12",
                   "--micro-batch-size", "16", "--max-steps", "300", "--lr", "1e-3", "--warmup", "0.05",
-                  "--log-every", "10", "--save-every", "300", "--collapse-window", "50"])
+                  "--log-every", "10", "--save-every", "300", "--collapse-window", "50"], timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     relation = [(r["loss"] - r["aux"]) for r in records]  # the relation loss: total minus the weighted aux
