@@ -387,7 +387,8 @@ class RunLog:
         for key in ("loss", "qq", "kk", "vv", "aux", "lr", "grad_norm", "tokens_per_s", "samples"):
             self.writer.add_scalar(f"train/{key}", record[key], step)
         for layer, shares in enumerate(record.get("expert_shares", [])):
-            self.writer.add_scalars(f"experts/layer{layer}", {f"expert{e}": s for e, s in enumerate(shares)}, step)
+            for expert, share in enumerate(shares):
+                self.writer.add_scalar(f"experts/layer{layer}/expert{expert}", share, step)
             self.writer.add_scalar(f"router_entropy/layer{layer}", record["router_entropy"][layer], step)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 

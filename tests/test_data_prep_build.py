@@ -100,7 +100,6 @@ def test_manifest_describes_the_shards(reference, teacher_dir):
     assert not list(out.glob("*.tmp"))
 
 
-@pytest.mark.multiproc
 def test_two_workers_give_identical_bytes(reference, tmp_path, teacher_dir):
     files, out = reference
     assert build(files, tmp_path / "two", teacher_dir, "--workers", 2) == 0

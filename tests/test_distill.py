@@ -157,3 +157,57 @@ def test_non_finite_loss_names_the_step():
     distill.check_finite(torch.tensor([0.5, 0.4, 0.5, 0.6, 0.01]), 3)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 17: loss=nan, qq=0.4, kk=inf"):
         distill.check_finite(torch.tensor([float("nan"), 0.4, float("inf"), 0.6, 0.01]), 17)
+
+
+class FakeEngine:
+    """Stands in for the DeepSpeed engine's two checkpoint calls (the real ones run in the launcher tests)."""
+
+    def __init__(self):
+        self.loads = []
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        assert save_latest is False  # `latest` is ours to move, after every rank finished
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+    def load_checkpoint(self, load_dir, tag, load_module_only):
+        self.loads.append((tag, load_module_only))
+
+
+@pytest.fixture()
+def one_rank_group():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_checkpoints_keep_newest_and_resume_restores_rng(tmp_path, one_rank_group):
+    from pipeline import checkpoint
+
+    engine, layout, student = FakeEngine(), {"world_size": 1, "ep_size": 1}, {"num_layers": 2, "ep_size": 1}
+    (tmp_path / "step-00000009").mkdir()  # left by a run that died while saving step 9
+    for step in range(1, 6):
+        torch.manual_seed(step)
+        checkpoint.save(engine, tmp_path, step, {"data": {"epoch": 0}, "layout": layout, "student": student,
+                                                 "tag": checkpoint.tag_for(step)}, tokenizer=None, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000004", "step-00000005"]
+    assert (tmp_path / "latest").read_text() == "step-00000005"
+    expected = torch.rand(3)  # what the run would have drawn next after saving step 5
+    torch.manual_seed(1234)
+    state, exact = checkpoint.resume(engine, tmp_path, layout, student)
+    assert exact and state["step"] == 5 and engine.loads == [("step-00000005", False)]
+    assert torch.equal(torch.rand(3), expected)
+    # Another layout: weights only. Another student: refused before DeepSpeed reads anything.
+    state, exact = checkpoint.resume(engine, tmp_path, {"world_size": 2, "ep_size": 2}, {**student, "ep_size": 2})
+    assert not exact and engine.loads[-1] == ("step-00000005", True)
+    with pytest.raises(ValueError, match="step-00000005: the checkpoint's student .* differs from this run's"):
+        checkpoint.resume(engine, tmp_path, layout, {"num_layers": 3, "ep_size": 1})
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        checkpoint.resume(engine, tmp_path / "empty", layout, student)
