@@ -140,7 +140,8 @@ def parse_config(argv: list[str] | None = None) -> DistillConfig:
     docs = field_docs(DistillConfig)
     for field in dataclasses.fields(DistillConfig):
         flag, kind = "--" + field.name.replace("_", "-"), _field_type(field)
-        helptext = f"{docs[field.name]} (default: {field.default})".replace("%", "%%")
+        default = f" (default: {field.default})" if field.default != "" else ""
+        helptext = (docs[field.name] + default).replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
         else:
