@@ -7,7 +7,7 @@
 2. Through ./launch.sh: MiniMoE 3L;384H on 1 process, 2 processes and 2 processes with ep_size 2
    (tokens/s of the second half of the run, from metrics.jsonl).
 
-usage: python benchmarks/bench_distill.py --shards DIR [--teacher DIR] [--steps 10] [--rounds 3]
+usage: python benchmarks/bench_distill.py --shards DIR [--teacher DIR] [--steps 10] [--rounds 3] [--part ...]
 Prints a markdown table; the ratios are the figures to read on a shared machine.
 """
 from __future__ import annotations
@@ -156,10 +156,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default: 2)")
-    parser.add_argument("--skip-launcher", action="store_true", help="only the in-process comparison")
+    parser.add_argument("--part", choices=("all", "in-process", "launcher"), default="all",
+                        help="which comparison to run (default: all)")
     args = parser.parse_args()
+    if args.part != "launcher":
+        print_in_process(in_process(args))
+    if args.part != "in-process":
+        one = launched(args, 1, 1)
+        print(f"\n| launched MiniMoE 3L;384H | tokens/s | vs 1 process |\n|---|---|---|\n| 1 process | {one:.0f} | 1.00 |")
+        for procs, ep in ((2, 1), (2, 2)):
+            rate = launched(args, procs, ep)
+            print(f"| {procs} processes, ep_size {ep} | {rate:.0f} | {rate / one:.2f} |")
 
-    results = in_process(args)
+
+def print_in_process(results: dict[str, dict[str, float]]) -> None:
     moe, dense = results["MiniMoE 3L;384H engine"], results["MiniLM 3L;384H engine"]
     print("| run | tokens/s | ratio | teacher share of step time |\n|---|---|---|---|")
     for name, r in results.items():
@@ -167,12 +177,6 @@ def main() -> None:
         share = "-" if r["teacher_share"] != r["teacher_share"] else f"{r['teacher_share']:.0%}"  # NaN: not measured
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / plain['tokens_per_s']:.2f} of plain | {share} |")
     print(f"\nMiniMoE / MiniLM (engine): {moe['tokens_per_s'] / dense['tokens_per_s']:.2f} (target >= 0.85)")
-    if not args.skip_launcher:
-        one = launched(args, 1, 1)
-        print(f"\n| launched MiniMoE 3L;384H | tokens/s | vs 1 process |\n|---|---|---|\n| 1 process | {one:.0f} | 1.00 |")
-        for procs, ep in ((2, 1), (2, 2)):
-            rate = launched(args, procs, ep)
-            print(f"| {procs} processes, ep_size {ep} | {rate:.0f} | {rate / one:.2f} |")
 
 
 if __name__ == "__main__":

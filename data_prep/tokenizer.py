@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: str) -> "PreTrainedTokenizerFast":
     """Load a local Hugging Face fast tokenizer; refuse slow (Python) tokenizers."""
+    from transformers import AutoTokenizer  # imported here: it costs seconds, and error exits should not wait
+
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: no fast tokenizer (tokenizer.json) found; a fast tokenizer is required")

@@ -164,12 +164,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"{path}: unknown field {key!r}; known: {sorted(fields)}")
-        kind = _field_type(fields[key])
-        ok = value is None and "None" in str(fields[key].type) or isinstance(value, kind) and not (
-            kind is not bool and isinstance(value, bool)) or kind is float and isinstance(value, int)
-        if not ok:
-            raise ValueError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}")
+        if not _json_value_fits(value, fields[key]):
+            raise ValueError(f"{path}: field {key!r} must be {_field_type(fields[key]).__name__}, got {value!r}")
     return values
+
+
+def _json_value_fits(value: Any, field: dataclasses.Field) -> bool:
+    kind = _field_type(field)
+    if value is None:
+        return "None" in str(field.type)
+    if isinstance(value, bool):  # a bool is an int in Python, but not a number in a config
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 # Keys of a DeepSpeed config that the distiller sets from its own flags (one place per idea).
@@ -449,6 +455,10 @@ def distill(cfg: DistillConfig) -> None:
     from data_prep.tokenizer import tokenizer_fingerprint
 
     ds = deepspeed_config(cfg)
+    output = Path(cfg.output)
+    root = output / "checkpoints"
+    if not cfg.resume and checkpoint.latest_tag(root) is not None:
+        raise ValueError(f"{root}: already holds checkpoints; pass --resume to continue, or choose another --output")
     if get_accelerator().device_name() == "cpu":
         set_cpu_threads()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -478,14 +488,10 @@ def distill(cfg: DistillConfig) -> None:
     teacher.to(engine.device)
     router = RouterStats(engine.module, engine.device)
 
-    output = Path(cfg.output)
-    root = output / "checkpoints"
     layout = {"world_size": world, "ep_size": cfg.ep_size, "zero_stage": engine.zero_optimization_stage(),
               "dtype": str(compute_dtype(ds))}
     if cfg.resume:
         step = resume(cfg, engine, loader, layout, config.to_dict())
-    elif checkpoint.latest_tag(root) is not None:
-        raise ValueError(f"{root}: already holds checkpoints; pass --resume to continue, or choose another --output")
     else:
         step = 0
         seed_rank(cfg.seed, rank, step)
@@ -497,6 +503,7 @@ def distill(cfg: DistillConfig) -> None:
 
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
     log = RunLog(cfg, output, step, engine, bar)
+
     def trainer_state() -> dict[str, Any]:
         return {"tag": checkpoint.tag_for(step), "data": loader.state_dict(), "layout": layout,
                 "student": config.to_dict(), "config": dataclasses.asdict(cfg)}

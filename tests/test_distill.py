@@ -211,3 +211,10 @@ def test_checkpoints_keep_newest_and_resume_restores_rng(tmp_path, one_rank_grou
         checkpoint.resume(engine, tmp_path, layout, {"num_layers": 3, "ep_size": 1})
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         checkpoint.resume(engine, tmp_path / "empty", layout, student)
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000005")
+    assert distill.main([*REQUIRED, "--output", str(tmp_path)]) == 2
+    assert "already holds checkpoints; pass --resume to continue" in capsys.readouterr().err
