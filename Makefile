@@ -7,6 +7,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every process (tests, the deepspeed launcher and its ranks) finds this venv's tools (ninja, deepspeed)
+# first, and DeepSpeed's JIT-built ops live in the venv: another venv or PATH never rebuilds them.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-all bench clean
 
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
+	bash examples/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -29,7 +33,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash benchmarks/run_all.sh
+	bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) out runs

@@ -1,8 +1,9 @@
 """minimoe-distill: task-agnostic distillation of a frozen teacher into a MiniLM / MiniMoE student.
 
 The script the deepspeed launcher starts on every rank (./launch.sh distill ... wraps it). The student
-learns the teacher's Q-Q, K-K and V-V self-attention relations of one layer (MiniLMv2; Zhang et al.
-2023, Sec. 3) on the DeepSpeed engine: ZeRO 0/1/2, fp32/bf16/fp16 from the DeepSpeed config, MoE
+learns one teacher layer on the DeepSpeed engine, with --objective minilm (default): the Q-Q, K-K and
+V-V self-attention relations (MiniLMv2; Zhang et al. 2023, Sec. 3), or --objective tinybert: attention
+scores + hidden states through a learned projection (TinyBERT, Jiao et al. 2020, Eq. 7-8). The engine: ZeRO 0/1/2, fp32/bf16/fp16 from the DeepSpeed config, MoE
 layers with expert parallelism (--ep-size). Checkpoints resume exactly (--resume).
 
 Config precedence: defaults < --config FILE (JSON of the fields below) < command-line flags.
@@ -32,7 +33,12 @@ from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
-LOSS_PARTS = ("loss", "qq", "kk", "vv", "aux")  # total, the three relation KLs (MiniLMv2 Eq. 4), weighted MoE aux
+# Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
+LOSS_PARTS = {"minilm": ("loss", "qq", "kk", "vv", "aux"),  # the three relation KLs (MiniLMv2 Eq. 4)
+              "tinybert": ("loss", "attention", "hidden", "aux")}  # the two MSEs (TinyBERT Eq. 7, 8)
+# TinyBERT's W_h (Eq. 8), nn.Linear(Hs, Ht): a child of the student while training, so that the engine
+# trains, casts, reduces and checkpoints it with the student; export drops it.
+PROJECTION = "tinybert_projection"
 
 
 @dataclass
@@ -45,10 +51,12 @@ class DistillConfig:
     """Shard dir written by `python -m data_prep build` with the teacher's tokenizer. Required."""
     output: str = "runs/distill"
     """Run dir: checkpoints/, tensorboard/, metrics.jsonl."""
+    objective: str = "minilm"
+    """Distillation objective: minilm = MiniLMv2 Q/K/V self-attention relations (the paper's); tinybert = TinyBERT attention-score MSE + hidden-state MSE through a learned projection (needs the student's --heads equal to the teacher's)."""
     teacher_layer: int = -1
     """Teacher layer whose relations are distilled (0-based, negative from the end): the last for base-sized teachers, an upper-middle one for large teachers (MiniLMv2)."""
     relation_heads: int = 32
-    """Relation heads R that Q, K and V are split into (32 for base-sized teachers, 48 for large ones); teacher and student hidden sizes must divide by it."""
+    """Relation heads R that Q, K and V are split into (32 for base-sized teachers, 48 for large ones); teacher and student hidden sizes must divide by it (--objective minilm only)."""
     student: str = "3L384H"
     """Student size preset (pipeline.model.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 12L384H, 12L768H)."""
     student_config: str | None = None
@@ -99,6 +107,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         checks = {
             "teacher": (self.teacher != "", "is required"),
+            "objective": (self.objective in LOSS_PARTS, f"must be one of {', '.join(LOSS_PARTS)}"),
             "shards": (self.shards != "", "is required"),
             "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),
             "grad_accum": (self.grad_accum >= 1, "must be >= 1"),
@@ -296,24 +305,36 @@ class RouterStats:
         return sums
 
 
+def objective_loss(cfg: DistillConfig, student: torch.nn.Module, batch: dict[str, torch.Tensor], out,
+                   teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The --objective loss of one micro batch: the student's output `out` against the frozen teacher's
+    distilled layer (computed here, in inference mode, only up to that layer)."""
+    from pipeline.objectives import attention_scores, minilm_relation_loss, tinybert_loss
+
+    mask = batch["attention_mask"]
+    if cfg.objective == "minilm":
+        return minilm_relation_loss(out.qkv, teacher(**batch), mask, cfg.relation_heads, aux_loss=out.aux_loss)
+    q, k, _, hidden = teacher(**batch, return_layer_input=True)  # (B, T, Ht) x4
+    heads = teacher.num_heads  # == the student's (checked in `distill`)
+    return tinybert_loss(attention_scores(out.qkv[0], out.qkv[1], heads), attention_scores(q, k, heads),
+                         out.qkv_layer_input, hidden, student.get_submodule(PROJECTION), mask, aux_loss=out.aux_loss)
+
+
 def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router: RouterStats) -> dict[str, torch.Tensor]:
     """One optimizer step over grad_accum micro batches -> this step's sums over all ranks:
-    'lr', 'parts' (LOSS_PARTS, means over micro batches and ranks), 'tokens', 'experts' (L, E) token
-    counts or None for a dense student, 'router' (L, 2) entropy sums and tokens."""
-    from pipeline.objectives import minilm_relation_loss
-
+    'lr', 'parts' (LOSS_PARTS[cfg.objective], means over micro batches and ranks), 'tokens', 'experts' (L, E)
+    token counts or None for a dense student, 'router' (L, 2) entropy sums and tokens."""
+    names = LOSS_PARTS[cfg.objective]
     lr = engine.get_lr()[0]  # the rate this step uses (the schedule moves on at the boundary)
-    parts, counts = torch.zeros(len(LOSS_PARTS), device=engine.device), None
+    parts, counts = torch.zeros(len(names), device=engine.device), None
     tokens = torch.zeros((), device=engine.device)
     for _ in range(cfg.grad_accum):
         batch = {k: v.to(engine.device) for k, v in loader.next_batch().items()}
-        teacher_qkv = teacher(**batch)  # (B, T, Ht) x3, inference mode, only up to the distilled layer
         out = engine(**batch)
-        loss, logged = minilm_relation_loss(out.qkv, teacher_qkv, batch["attention_mask"], cfg.relation_heads,
-                                            aux_loss=out.aux_loss)
+        loss, logged = objective_loss(cfg, engine.module, batch, out, teacher)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary only
-        parts += torch.stack([logged[k].float() for k in LOSS_PARTS]) / cfg.grad_accum
+        parts += torch.stack([logged[k].float() for k in names]) / cfg.grad_accum
         tokens += batch["attention_mask"].sum()
         step_counts = torch.stack([c.float() for c in out.expert_counts]) if out.expert_counts else None
         counts = step_counts if counts is None else counts + step_counts
@@ -322,9 +343,10 @@ def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router:
         flat.append(counts.flatten())
     reduced = torch.cat(flat)
     dist.all_reduce(reduced)  # sums over ranks; also makes a non-finite loss visible on every rank alike
-    layers = router.sums.size(0)
-    return {"lr": lr, "parts": reduced[:5], "tokens": reduced[5], "router": reduced[6:6 + 2 * layers].view(layers, 2),
-            "experts": reduced[6 + 2 * layers:].view(layers, -1) if layers else None}
+    layers, n = router.sums.size(0), len(names)
+    return {"lr": lr, "parts": reduced[:n], "tokens": reduced[n],
+            "router": reduced[n + 1:n + 1 + 2 * layers].view(layers, 2),
+            "experts": reduced[n + 1 + 2 * layers:].view(layers, -1) if layers else None}
 
 
 def starved_experts(counts: torch.Tensor, threshold: float) -> dict[tuple[int, int], list[float]]:
@@ -335,11 +357,11 @@ def starved_experts(counts: torch.Tensor, threshold: float) -> dict[tuple[int, i
     return {(layer, expert): shares[layer].tolist() for layer, expert in (shares < threshold).nonzero().tolist()}
 
 
-def check_finite(parts: torch.Tensor, step: int) -> None:
-    """Stop on a NaN/Inf loss, naming the step and every loss part (fp16 overflow is the loss scaler's job:
-    it skips the step on infinite gradients, but the loss itself is finite then)."""
+def check_finite(parts: torch.Tensor, step: int, names: tuple[str, ...]) -> None:
+    """Stop on a NaN/Inf loss, naming the step and every loss part `names` (fp16 overflow is the loss
+    scaler's job: it skips the step on infinite gradients, but the loss itself is finite then)."""
     if not torch.isfinite(parts).all():
-        values = ", ".join(f"{name}={value:g}" for name, value in zip(LOSS_PARTS, parts.tolist()))
+        values = ", ".join(f"{name}={value:g}" for name, value in zip(names, parts.tolist()))
         raise FloatingPointError(f"non-finite loss at step {step}: {values}; lower --lr or check the data")
 
 
@@ -348,6 +370,7 @@ class RunLog:
 
     def __init__(self, cfg: DistillConfig, output: Path, start_step: int, engine, bar):
         self.cfg, self.engine, self.bar, self.rank = cfg, engine, bar, dist.get_rank()
+        self.parts = LOSS_PARTS[cfg.objective]
         self.window: deque[torch.Tensor] = deque(maxlen=cfg.collapse_window)
         self.collapsed: set[tuple[int, int]] = set()
         self._reset(time.perf_counter())
@@ -377,10 +400,11 @@ class RunLog:
 
     def flush(self, step: int, samples_seen: int) -> None:
         now = time.perf_counter()
-        means = self.sums[:5] / self.steps
-        record = {"step": step, **dict(zip(LOSS_PARTS, means.tolist())),
+        n = len(self.parts)
+        means = self.sums[:n] / self.steps
+        record = {"step": step, **dict(zip(self.parts, means.tolist())),
                   "lr": self.lr, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                  "tokens_per_s": float(self.sums[5]) / (now - self.since), "samples": samples_seen}
+                  "tokens_per_s": float(self.sums[n]) / (now - self.since), "samples": samples_seen}
         if self.window:
             recent = torch.stack(list(self.window)[-self.steps:]).sum(0)  # (L, E) tokens over the interval
             shares = recent / recent.sum(-1, keepdim=True).clamp_min(1)
@@ -391,7 +415,7 @@ class RunLog:
             return
         with self.jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key in ("loss", "qq", "kk", "vv", "aux", "lr", "grad_norm", "tokens_per_s", "samples"):
+        for key in (*self.parts, "lr", "grad_norm", "tokens_per_s", "samples"):
             self.writer.add_scalar(f"train/{key}", record[key], step)
         for layer, shares in enumerate(record.get("expert_shares", [])):
             for expert, share in enumerate(shares):
@@ -428,10 +452,27 @@ def seed_rank(seed: int, rank: int, step: int) -> None:
     random.seed(seed + 1 + rank + step)
 
 
+def check_heads(cfg: DistillConfig, config, teacher) -> None:
+    """MiniLMv2 splits both sides into --relation-heads; TinyBERT compares attention maps head by head."""
+    if cfg.objective == "tinybert":
+        if config.num_heads != teacher.num_heads:
+            raise ValueError(f"--objective tinybert compares attention scores head by head: the student's "
+                             f"{config.num_heads} heads must equal the teacher's {teacher.num_heads} (set --heads)")
+        return
+    for name, size in (("teacher", teacher.hidden_size), ("student", config.hidden_size)):
+        if size % cfg.relation_heads:
+            raise ValueError(f"--relation-heads {cfg.relation_heads} does not divide the {name} hidden size {size}")
+
+
 def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, Any], student: dict[str, Any]) -> int:
     """Load OUTPUT/checkpoints/latest; -> the step to continue from. On another layout only the weights
     load: the schedule is set to the step, AdamW moments start at zero, and the user is told."""
-    state, exact = checkpoint.resume(engine, Path(cfg.output) / "checkpoints", layout, student)
+    root = Path(cfg.output) / "checkpoints"
+    tag = checkpoint.latest_tag(root)
+    trained = tag and checkpoint.read_trainer_state(root / tag)["config"].get("objective", "minilm")
+    if tag and trained != cfg.objective:  # the parameters differ (W_h): refuse before DeepSpeed's strict load
+        raise ValueError(f"{root / tag}: the checkpoint was trained with --objective {trained}, not {cfg.objective}")
+    state, exact = checkpoint.resume(engine, root, layout, student)
     step = state["step"]
     loader.load_state_dict(state["data"])
     if not exact:
@@ -472,11 +513,10 @@ def distill(cfg: DistillConfig) -> None:
     shards = ShardDataset(cfg.shards)
     shards.check_fingerprint(tokenizer_fingerprint(teacher.tokenizer), cfg.teacher)
     config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
-    for name, size in (("teacher", teacher.hidden_size), ("student", config.hidden_size)):
-        if size % cfg.relation_heads:
-            raise ValueError(f"--relation-heads {cfg.relation_heads} does not divide the {name} hidden size {size}")
-
+    check_heads(cfg, config, teacher)
     student = build_student(config, cfg.seed)
+    if cfg.objective == "tinybert":  # the RNG goes on from build_student's seed: the same W_h on every rank
+        student.add_module(PROJECTION, torch.nn.Linear(config.hidden_size, teacher.hidden_size))
     loader = ShardLoader(shards, cfg.micro_batch_size, rank, world, cfg.seed)
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
     samples_per_epoch = len(shards) // (cfg.micro_batch_size * world) * cfg.micro_batch_size * world  # see ShardLoader
@@ -511,7 +551,7 @@ def distill(cfg: DistillConfig) -> None:
     while step < total_steps:
         stats = train_step(engine, teacher, loader, cfg, router)
         step += 1
-        check_finite(stats["parts"], step)
+        check_finite(stats["parts"], step, LOSS_PARTS[cfg.objective])
         log.record(step, loader.cursor.samples_seen, stats)
         bar.update(1)
         if step % cfg.save_every == 0 or step == total_steps:

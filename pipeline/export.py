@@ -34,11 +34,14 @@ def step_dir_of(path: str | Path) -> Path:
 
 
 def merged_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Non-expert weights + every expert file (keys already carry global expert ids), in fp32."""
+    """Non-expert weights + every expert file (keys already carry global expert ids), in fp32, without the
+    training-only TinyBERT projection."""
+    from pipeline.distill import PROJECTION
+
     state = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
     for expert_file in sorted(step_dir.glob("layer_*_expert_*_" + MODEL_STATES)):
         state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith(PROJECTION + ".")}
 
 
 def export(checkpoint_path: str | Path, out_dir: str | Path) -> Path:

@@ -82,7 +82,9 @@ def tinybert_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, st
     mask = attention_mask.bool()
     pair = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(student_scores)  # (B, nh, T, T)
     attention = F.mse_loss(student_scores.float()[pair], teacher_scores.float()[pair])
-    hidden = F.mse_loss(projection(student_hidden.float())[mask], teacher_hidden.float()[mask])
+    bias = None if projection.bias is None else projection.bias.float()  # fp32 even when the engine runs bf16
+    projected = F.linear(student_hidden.float(), projection.weight.float(), bias)  # (B, T, Ht)
+    hidden = F.mse_loss(projected[mask], teacher_hidden.float()[mask])
     return _with_aux(attention + hidden, {"attention": attention.detach(), "hidden": hidden.detach()}, aux_loss)
 
 

@@ -1,11 +1,14 @@
 """pipeline.distill in one process: config precedence and validation, DeepSpeed config checks, the LR
-schedule, optimizer groups, router statistics, collapse detection, the NaN stop."""
+schedule, optimizer groups, router statistics, collapse detection, the NaN stop, and the TinyBERT
+objective on the real engine (one gloo rank in this process) with the packaged teacher."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,9 +157,10 @@ def test_starved_experts_over_the_window():
 
 
 def test_non_finite_loss_names_the_step():
-    distill.check_finite(torch.tensor([0.5, 0.4, 0.5, 0.6, 0.01]), 3)
+    names = distill.LOSS_PARTS["minilm"]
+    distill.check_finite(torch.tensor([0.5, 0.4, 0.5, 0.6, 0.01]), 3, names)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 17: loss=nan, qq=0.4, kk=inf"):
-        distill.check_finite(torch.tensor([float("nan"), 0.4, float("inf"), 0.6, 0.01]), 17)
+        distill.check_finite(torch.tensor([float("nan"), 0.4, float("inf"), 0.6, 0.01]), 17, names)
 
 
 class FakeEngine:
@@ -218,3 +222,109 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
     (tmp_path / "checkpoints" / "latest").write_text("step-00000005")
     assert distill.main([*REQUIRED, "--output", str(tmp_path)]) == 2
     assert "already holds checkpoints; pass --resume to continue" in capsys.readouterr().err
+
+
+def test_unknown_objective_and_tinybert_head_mismatch_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--objective must be one of minilm, tinybert \(got 'kd'\)"):
+        parse_config([*REQUIRED, "--objective", "kd"])
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"objective": "TinyBERT"}))
+    with pytest.raises(ValueError, match=r"--objective must be one of minilm, tinybert \(got 'TinyBERT'\)"):
+        parse_config(["--config", str(file), *REQUIRED])
+    teacher = SimpleNamespace(num_heads=12, hidden_size=384)
+    student = SimpleNamespace(num_heads=4, hidden_size=64)
+    cfg = DistillConfig(teacher="t", shards="s", objective="tinybert")
+    with pytest.raises(ValueError, match="the student's 4 heads must equal the teacher's 12 \\(set --heads\\)"):
+        distill.check_heads(cfg, student, teacher)
+    distill.check_heads(dataclasses.replace(cfg, objective="minilm", relation_heads=4), student, teacher)  # R divides both
+
+
+def run_in_process(monkeypatch, args: list[str]) -> int:
+    """pipeline.distill.main as rank 0 of a 1-rank gloo group in this process (main tears the group down)."""
+    import socket
+
+    from deepspeed.utils import groups
+
+    # DeepSpeed keeps its (expert) process groups in module globals that outlive the torch group: start empty.
+    for name, value in vars(groups).copy().items():
+        if name.endswith(("_GROUP", "_GROUP_RANKS")):
+            monkeypatch.setattr(groups, name, {} if isinstance(value, dict) else None)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    return distill.main(args)
+
+
+def module_states(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / f"step-{step:08d}" / "mp_rank_00_model_states.pt",
+                      weights_only=True)["module"]
+
+
+def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_without_it(
+        teacher_dir, tmp_path, monkeypatch, capsys):
+    from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pipeline.export import export
+    from pipeline.model import Student
+    from safetensors.torch import load_file
+    from test_data_loader import write_shards
+
+    tokenizer = load_tokenizer(str(teacher_dir))
+    write_shards(tmp_path / "shards", [24], fingerprint=tokenizer_fingerprint(tokenizer))
+    # A tiny MiniMoE student with the teacher's 12 heads (TinyBERT compares attention maps head by head).
+    common = ["--teacher", str(teacher_dir), "--shards", str(tmp_path / "shards"), "--objective", "tinybert",
+              "--layers", "1", "--hidden", "48", "--heads", "12", "--experts", "2", "--micro-batch-size", "4",
+              "--max-steps", "2", "--warmup", "0", "--lr", "1e-2", "--log-every", "1", "--save-every", "1",
+              "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json")]
+    full = tmp_path / "full"
+    assert run_in_process(monkeypatch, [*common, "--output", str(full)]) == 0, capsys.readouterr().err
+
+    # Both the projection W_h (48 -> 384) and the student moved from their initial weights, every step.
+    cfg = parse_config([*common, "--output", str(full)])
+    torch.manual_seed(cfg.seed)
+    initial = distill.build_student(distill.student_config(cfg, tokenizer), cfg.seed)
+    initial_projection = torch.nn.Linear(48, 384)  # drawn right after the student, as in distill()
+    steps = [{"tinybert_projection.weight": initial_projection.weight.detach(), **initial.state_dict()},
+             module_states(full, 1), module_states(full, 2)]
+    assert steps[1]["tinybert_projection.weight"].shape == (384, 48)
+    for key in ("tinybert_projection.weight", "layers.0.attention.query.weight", "embeddings.word_embeddings.weight"):
+        assert not torch.equal(steps[0][key], steps[1][key]) and not torch.equal(steps[1][key], steps[2][key]), key
+
+    # The logged parts are TinyBERT's, and they add up to the total (Eq. 7 + Eq. 8 + the MoE aux loss).
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["attention"] > 0 and r["hidden"] > 0 and r["aux"] > 0 and "qq" not in r
+        assert r["loss"] == pytest.approx(r["attention"] + r["hidden"] + r["aux"], rel=1e-5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(full / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/attention", "train/hidden", "train/aux"} <= set(events.Tags()["scalars"])
+
+    # Exact resume: step 2 again from the step-1 checkpoint (projection and its AdamW moments included).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-00000002", "tensorboard"))
+    (resumed / "checkpoints" / "latest").write_text("step-00000001")
+    assert run_in_process(monkeypatch, [*common, "--output", str(resumed), "--resume"]) == 0
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert again[1]["loss"] == pytest.approx(records[1]["loss"], abs=1e-5)
+    for key, value in module_states(resumed, 2).items():
+        torch.testing.assert_close(value, steps[2][key], rtol=0, atol=1e-6, msg=key)
+    # Resuming it as a MiniLM run is refused before DeepSpeed's strict load.
+    capsys.readouterr()
+    assert run_in_process(monkeypatch, [*common, "--output", str(resumed), "--resume", "--objective", "minilm",
+                                         "--relation-heads", "12"]) == 2
+    assert "the checkpoint was trained with --objective tinybert, not minilm" in capsys.readouterr().err
+
+    # Export: a plain student dir, without the training-only projection, whose weights are the run's.
+    export(full, tmp_path / "model")
+    exported = load_file(tmp_path / "model" / "model.safetensors")
+    assert not any(key.startswith("tinybert_projection") for key in exported)
+    student = Student.from_pretrained(tmp_path / "model")
+    assert set(exported) == set(student.state_dict())
+    torch.testing.assert_close(student.state_dict()["layers.0.attention.query.weight"],
+                               steps[2]["layers.0.attention.query.weight"])

@@ -102,6 +102,17 @@ def test_tinybert_loss_matches_loop_reference():
     assert loss.item() == pytest.approx(attn_err / attn_n + hid_err / hid_n, rel=1e-5)
 
 
+def test_tinybert_projection_in_bf16_is_applied_in_fp32():
+    # A bf16 engine casts W_h to bf16 and feeds bf16 hidden states: the loss equals the fp32 loss of the same values.
+    torch.manual_seed(0)
+    scores, mask = torch.randn(1, 2, 4, 4), torch.ones(1, 4, dtype=torch.long)
+    s_hidden, t_hidden = torch.randn(1, 4, 8).bfloat16(), torch.randn(1, 4, 12).bfloat16()
+    projection = torch.nn.Linear(8, 12).bfloat16()
+    _, parts = tinybert_loss(scores, scores, s_hidden, t_hidden, projection, mask)
+    expected = ((s_hidden.float() @ projection.weight.float().T + projection.bias.float() - t_hidden.float()) ** 2).mean()
+    assert parts["hidden"].dtype == torch.float32 and parts["hidden"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_logit_kd_by_hand():
     s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
