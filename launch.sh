@@ -87,6 +87,12 @@ if [[ -n "$procs" ]]; then
   launcher+=(--num_gpus "$procs")
 fi
 
+# Like torchrun: without an explicit OMP_NUM_THREADS, split this node's cores between its processes.
+# N ranks x torch's default thread count oversubscribe a CPU node, and the ranks then stall each other.
+if [[ -z "${OMP_NUM_THREADS:-}" && -n "$procs" ]]; then
+  export OMP_NUM_THREADS=$(( $(nproc) / procs > 0 ? $(nproc) / procs : 1 ))
+fi
+
 # pipeline/ importable from any working directory (relative paths in FLAGS stay the user's).
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 cmd=("${launcher[@]}" --module pipeline.distill "${flags[@]}")

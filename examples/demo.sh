@@ -22,8 +22,8 @@ echo "== 3/4 export the checkpoint to a plain model dir"
 python -m pipeline.export "$OUT/distill" "$OUT/model"
 
 echo "== 4/4 finetune on the bundled SST-2 slice"
-python -m pipeline.finetune suite --model "$OUT/model" --data-dir examples/data --output "$OUT/finetune" \
-    --epochs 3 --lr 1e-4
+python -m pipeline.finetune suite --model "MiniMoE-3L384H=$OUT/model" --data-dir examples/data --output "$OUT/finetune" \
+    --epochs 1 --lr 1e-4
 
 echo
 cat "$OUT/finetune/results.md"

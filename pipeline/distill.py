@@ -3,8 +3,9 @@
 The script the deepspeed launcher starts on every rank (./launch.sh distill ... wraps it). The student
 learns one teacher layer on the DeepSpeed engine, with --objective minilm (default): the Q-Q, K-K and
 V-V self-attention relations (MiniLMv2; Zhang et al. 2023, Sec. 3), or --objective tinybert: attention
-scores + hidden states through a learned projection (TinyBERT, Jiao et al. 2020, Eq. 7-8). The engine: ZeRO 0/1/2, fp32/bf16/fp16 from the DeepSpeed config, MoE
-layers with expert parallelism (--ep-size). Checkpoints resume exactly (--resume).
+scores + hidden states through a learned projection (TinyBERT, Jiao et al. 2020, Eq. 7-8). The engine:
+ZeRO 0/1/2, fp32/bf16/fp16 from the DeepSpeed config, MoE layers with expert parallelism (--ep-size).
+Checkpoints resume exactly (--resume).
 
 Config precedence: defaults < --config FILE (JSON of the fields below) < command-line flags.
 """
@@ -469,8 +470,8 @@ def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, An
     load: the schedule is set to the step, AdamW moments start at zero, and the user is told."""
     root = Path(cfg.output) / "checkpoints"
     tag = checkpoint.latest_tag(root)
-    trained = tag and checkpoint.read_trainer_state(root / tag)["config"].get("objective", "minilm")
-    if tag and trained != cfg.objective:  # the parameters differ (W_h): refuse before DeepSpeed's strict load
+    trained = checkpoint.read_trainer_state(root / tag)["config"].get("objective", "minilm") if tag else cfg.objective
+    if trained != cfg.objective:  # the parameters differ (W_h): refuse before DeepSpeed's strict load
         raise ValueError(f"{root / tag}: the checkpoint was trained with --objective {trained}, not {cfg.objective}")
     state, exact = checkpoint.resume(engine, root, layout, student)
     step = state["step"]

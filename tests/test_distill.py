@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,16 +179,17 @@ class FakeEngine:
         self.loads.append((tag, load_module_only))
 
 
-@pytest.fixture()
-def one_rank_group():
-    import socket
-
-    import torch.distributed as dist
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -241,8 +243,6 @@ def test_unknown_objective_and_tinybert_head_mismatch_are_refused(tmp_path):
 
 def run_in_process(monkeypatch, args: list[str]) -> int:
     """pipeline.distill.main as rank 0 of a 1-rank gloo group in this process (main tears the group down)."""
-    import socket
-
     from deepspeed.utils import groups
 
     # DeepSpeed keeps its (expert) process groups in module globals that outlive the torch group: start empty.
@@ -250,11 +250,8 @@ def run_in_process(monkeypatch, args: list[str]) -> int:
         if name.endswith(("_GROUP", "_GROUP_RANKS")):
             monkeypatch.setattr(groups, name, {} if isinstance(value, dict) else None)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
     return distill.main(args)
 
