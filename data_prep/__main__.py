@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.config import BuildConfig, DataPrepError, add_dataclass_arguments
+from data_prep.config import BuildConfig, DataPrepError
+from data_prep.config_cli import add_config_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -13,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build shards from input files (restart-safe: re-run to resume)",
                                 description=BuildConfig.__doc__)
-    add_dataclass_arguments(build, BuildConfig)
+    add_config_arguments(build, BuildConfig)
     merge = commands.add_parser("merge", help="write manifest.json once every partition of a build has finished")
     merge.add_argument("output", help="the --output directory shared by the partitions")
     inspect = commands.add_parser("inspect", help="summary, length histogram and decoded samples of a built directory")

@@ -1,12 +1,7 @@
 """The build's settings (one typed dataclass; the CLI flags are generated from it)."""
 from __future__ import annotations
 
-import argparse
-import ast
-import inspect
-import textwrap
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 
 FORMATS = ("wikiextractor", "jsonl", "parquet", "text")
@@ -64,32 +59,3 @@ class BuildConfig:
         """The settings the shards depend on, recorded in manifest.json (not workers, partitions or
         output: a build gives the same bytes whatever they are)."""
         return {k: v for k, v in asdict(self).items() if k not in ("output", "workers", "num_partitions", "partition_index")}
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per field of `cls`, its help taken from the field's docstring."""
-    docs = _field_docstrings(cls)
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        kwargs: dict = {"help": docs[f.name].replace("%", "%%"), **f.metadata}
-        hint = hints[f.name]
-        if hint == list[str]:
-            kwargs.update(nargs="+", type=str)
-        else:
-            kwargs["type"] = str if hint == (str | None) else hint
-        if f.default is MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
-            kwargs["help"] += "" if f.default is None else " (default: %(default)s)"
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def _field_docstrings(cls: type) -> dict[str, str]:
-    """The string literal under each annotated field of a class body."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        node.target.id: " ".join(doc.value.value.split())
-        for node, doc in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-    }

@@ -12,9 +12,7 @@ Config precedence: defaults < --config FILE (JSON of the fields below) < command
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -30,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_prep.config_cli import add_config_arguments, config_from_args
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
 
@@ -126,66 +125,15 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {message} (got {getattr(self, name)!r})")
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (Python keeps none at run time, so read the source)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {node.target.id: " ".join(doc.value.value.split())
-            for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
-
-
-FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _field_type(field: dataclasses.Field) -> type:
-    return FIELD_TYPES[str(field.type).replace(" | None", "")]
-
-
 def parse_config(argv: list[str] | None = None) -> DistillConfig:
     """defaults < --config FILE < flags; unknown or mistyped keys are errors."""
     parser = argparse.ArgumentParser(prog="minimoe-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="JSON file of the fields below (snake_case keys)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
-    docs = field_docs(DistillConfig)
-    for field in dataclasses.fields(DistillConfig):
-        flag, kind = "--" + field.name.replace("_", "-"), _field_type(field)
-        default = f" (default: {field.default})" if field.default != "" else ""
-        helptext = (docs[field.name] + default).replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
-        else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext)
-    args = vars(parser.parse_args(argv))
-    args.pop("local_rank", None)
-    values: dict[str, Any] = {}
-    if args.get("config"):
-        values = read_config_file(Path(args["config"]))
-    values.update({k: v for k, v in args.items() if k != "config"})
-    return DistillConfig(**values)
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the config: {e}") from None
-    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
-    for key, value in values.items():
-        if key not in fields:
-            raise ValueError(f"{path}: unknown field {key!r}; known: {sorted(fields)}")
-        if not _json_value_fits(value, fields[key]):
-            raise ValueError(f"{path}: field {key!r} must be {_field_type(fields[key]).__name__}, got {value!r}")
-    return values
-
-
-def _json_value_fits(value: Any, field: dataclasses.Field) -> bool:
-    kind = _field_type(field)
-    if value is None:
-        return "None" in str(field.type)
-    if isinstance(value, bool):  # a bool is an int in Python, but not a number in a config
-        return kind is bool
-    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+    add_config_arguments(parser, DistillConfig, config_file=True)
+    args = parser.parse_args(argv)
+    del args.local_rank
+    return config_from_args(DistillConfig, args)
 
 
 # Keys of a DeepSpeed config that the distiller sets from its own flags (one place per idea).

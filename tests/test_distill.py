@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from data_prep.config_cli import field_docs
 from pipeline import distill
 from pipeline.distill import DistillConfig, lr_factor, parse_config
 
@@ -57,7 +58,7 @@ def test_config_validation():
 
 
 def test_every_field_has_help(capsys):
-    docs = distill.field_docs(DistillConfig)
+    docs = field_docs(DistillConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(DistillConfig)}
     with pytest.raises(SystemExit):
         parse_config(["--help"])

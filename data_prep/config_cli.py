@@ -1,0 +1,101 @@
+"""Command-line flags and JSON config files from a typed config dataclass (one docstring per field).
+
+Shared by `python -m data_prep build` (BuildConfig) and `minimoe-distill` (DistillConfig), so that both
+stages spell flags, help texts and type checks the same way. It lives in data_prep because pipeline
+already imports data_prep (the tokenizer), never the other way round.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+T = typing.TypeVar("T")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool = False) -> None:
+    """One --flag per field of `cls` (help: the field's docstring), plus --config FILE if `config_file`.
+
+    Defaults stay out of the namespace (SUPPRESS) so that `config_from_args` can tell a flag that was
+    given from one that was not: defaults < file < flags.
+    """
+    if config_file:
+        parser.add_argument("--config", help="JSON file of the fields below (snake_case keys)")
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in fields(cls):
+        required = f.default is MISSING and f.default_factory is MISSING
+        shown = f.default not in (MISSING, None, "")  # "" and None mean "see the docstring"
+        helptext = (docs[f.name] + (f" (default: {f.default})" if shown else "")).replace("%", "%%")
+        parser.add_argument("--" + f.name.replace("_", "-"), help=helptext, default=argparse.SUPPRESS,
+                            required=required, **_argparse_type(hints[f.name]), **f.metadata)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """`cls` from the parsed flags over the --config file (if any) over the field defaults."""
+    flags = dict(vars(args))
+    file = flags.pop("config", None)
+    values = read_config_file(Path(file), cls) if file else {}
+    return cls(**(values | flags))
+
+
+def read_config_file(path: Path, cls: type) -> dict[str, Any]:
+    """The JSON object in `path`, its keys checked against the fields of `cls`: unknown or mistyped keys
+    are errors naming the file and the field, not a silently ignored setting."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config: {e}") from None
+    hints = typing.get_type_hints(cls)
+    known = sorted(f.name for f in fields(cls))
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{path}: unknown field {key!r}; known: {known}")
+        if not _json_value_fits(value, hints[key]):
+            raise ValueError(f"{path}: field {key!r} must be {_unwrap_optional(hints[key])[0].__name__}, got {value!r}")
+    return values
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (Python keeps none at run time, so read the source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(doc.value.value.split())
+            for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed): `int | None` -> (int, True)."""
+    rest = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and len(rest) == 1:
+        return rest[0], True
+    return hint, False
+
+
+def _argparse_type(hint: Any) -> dict[str, Any]:
+    """add_argument keywords for a field type: list[X] takes one or more values; bool gets --flag and
+    --no-flag (so a file's true can be turned off again on the command line)."""
+    kind = _unwrap_optional(hint)[0]
+    if typing.get_origin(kind) is list:
+        return {"nargs": "+", "type": typing.get_args(kind)[0]}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": kind}
+
+
+def _json_value_fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the field's type (JSON has no int/float split, so 3 fits a float)."""
+    kind, optional = _unwrap_optional(hint)
+    if value is None:
+        return optional
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_json_value_fits(v, typing.get_args(kind)[0]) for v in value)
+    if isinstance(value, bool):  # a bool is an int in Python, but not a number in a config
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
