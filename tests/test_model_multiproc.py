@@ -27,7 +27,7 @@ def test_ep_size_2_save_gathers_experts_and_loads_in_one_process(tmp_path):
 
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     for rank in (0, 1):  # rank r's local expert i is global expert 2r + i
-        for key, value in torch.load(tmp_path / f"local{rank}.pt").items():
+        for key, value in torch.load(tmp_path / f"local{rank}.pt", weights_only=True).items():
             local = int(re.search(r"deepspeed_experts\.(\d+)\.", key)[1])
             global_key = key.replace(f"deepspeed_experts.{local}.", f"deepspeed_experts.{2 * rank + local}.")
             assert torch.equal(saved[global_key], value), global_key
@@ -39,4 +39,4 @@ def test_ep_size_2_save_gathers_experts_and_loads_in_one_process(tmp_path):
     with torch.no_grad():
         out = model(ids, torch.ones_like(ids)).last_hidden_state
     for rank in (0, 1):  # DeepSpeed's all-to-all forward on two ranks == our single-process forward
-        torch.testing.assert_close(out, torch.load(tmp_path / f"out{rank}.pt"), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out, torch.load(tmp_path / f"out{rank}.pt", weights_only=True), atol=1e-6, rtol=1e-5)
