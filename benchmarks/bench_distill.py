@@ -118,7 +118,8 @@ def in_process(args) -> dict[str, dict[str, float]]:
     runs = {}
     for name, experts in (("MiniLM 3L;384H", 1), ("MiniMoE 3L;384H", 4)):
         cfg = distill.DistillConfig(teacher=args.teacher, shards=args.shards, student="3L384H", experts=experts,
-                                    micro_batch_size=args.micro_batch_size, max_steps=1)
+                                    micro_batch_size=args.micro_batch_size, max_steps=1,
+                                    deepspeed_config=args.deepspeed_config)
         runs[f"{name} engine"] = EngineRun(cfg, teacher, shards)
         runs[f"{name} plain"] = PlainRun(cfg, teacher, shards)
     totals = {name: [0.0, 0.0, 0.0] for name in runs}
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--deepspeed-config", default=distill.DistillConfig.deepspeed_config,
+                        help="DeepSpeed config of the engine runs (default: %(default)s)")
     parser.add_argument("--part", choices=("all", "in-process", "launcher"), default="all",
                         help="which comparison to run (default: all)")
     args = parser.parse_args()
