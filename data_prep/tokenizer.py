@@ -15,8 +15,15 @@ SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_toke
 def load_tokenizer(path: str) -> "PreTrainedTokenizerFast":
     """Load a local Hugging Face fast tokenizer; refuse slow (Python) tokenizers."""
     from transformers import AutoTokenizer  # imported here: it costs seconds, and error exits should not wait
+    from transformers.utils import logging as hf_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    # AutoTokenizer also reads config.json, and warns that our students' model_type is not a transformers one.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: no fast tokenizer (tokenizer.json) found; a fast tokenizer is required")
     return tokenizer
