@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import distill  # noqa: E402
 from pipeline.data import ShardDataset, ShardLoader  # noqa: E402
+from pipeline.optim import lr_factor, param_groups  # noqa: E402
 
 
 def synchronize() -> None:
@@ -52,8 +53,8 @@ class EngineRun:
         self.cfg, self.teacher = cfg, teacher
         config = distill.student_config(cfg, teacher.tokenizer)
         student = distill.build_student(config, cfg.seed)
-        optimizer = torch.optim.AdamW(distill.param_groups(student, cfg.weight_decay), lr=cfg.lr, eps=1e-6)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: distill.lr_factor(s, 0, 10**6))
+        optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, eps=1e-6)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 0, 10**6))
         self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule,
                                                config=distill.deepspeed_config(cfg))
         self.router = distill.RouterStats(self.engine.module, self.engine.device)
@@ -79,7 +80,7 @@ class PlainRun:
         no_decay = [p for p in self.student.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: distill.lr_factor(s, 0, 10**6))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, 0, 10**6))
         self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
 
     def steps(self, n: int) -> tuple[float, float, float]:

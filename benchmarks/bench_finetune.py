@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.tokenizer import load_tokenizer  # noqa: E402
-from pipeline.finetune import (collate, deepspeed_config, encode, init_single_process, optimizer_groups,  # noqa: E402
-                               task_loss)
+from pipeline.finetune import collate, deepspeed_config, encode, init_single_process, task_loss  # noqa: E402
 from pipeline.model import StudentConfig, StudentForSequenceClassification  # noqa: E402
+from pipeline.optim import param_groups  # noqa: E402
 from pipeline.tasks import get_task, read_split  # noqa: E402
 from tests.conftest import packaged_teacher_dir  # noqa: E402
 
@@ -47,7 +47,7 @@ def main() -> None:
     plain_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     init_single_process()
     deepspeed.init_distributed(dist_backend="gloo")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-5),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(param_groups(model, 0.01), lr=1e-5),
                                       config=deepspeed_config(None, args.batch_size))
 
     def plain_step():

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from data_prep.config_cli import add_config_arguments, config_from_args
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
+from pipeline.optim import lr_factor, param_groups
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
@@ -203,25 +204,6 @@ def build_student(config, seed: int):
     student = Student(config)
     student.load_state_dict(localize_experts(full.state_dict(), config))
     return student
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups, decay on matrices and embeddings only (BERT recipe), split into MoE / non-MoE
-    groups as DeepSpeed requires (expert gradients are reduced over the expert-data-parallel group)."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps` (reaching 1 at the last warmup step), then linear decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 class RouterStats:

@@ -36,6 +36,7 @@ from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.metrics import METRICS
 from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
 from pipeline.objectives import logit_kd_loss
+from pipeline.optim import lr_factor, param_groups
 from pipeline.tasks import PAPER_COLUMNS, TASKS, DataError, Task, find_task_dir, get_task, read_split
 
 # `--grid` without explicit lists: the learning rates and batch sizes tried for every task.
@@ -276,24 +277,6 @@ def deepspeed_config(path: str | None, batch_size: int) -> dict:
             "gradient_clipping": config.get("gradient_clipping", 1.0)}
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and LayerNorm weights; MoE expert params in their own groups."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
-def linear_warmup_decay(total_steps: int, warmup: float):
-    warmup_steps = max(1, int(warmup * total_steps))
-    return lambda step: min((step + 1) / warmup_steps, max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
-
-
 # ---------------------------------------------------------------- one run
 
 
@@ -321,8 +304,9 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total_steps, config.warmup))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr)
+    warmup_steps = max(1, int(config.warmup * total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(config.deepspeed_config, batch_size))
     if teacher is not None:

@@ -16,7 +16,8 @@ import torch
 
 from data_prep.config_cli import field_docs
 from pipeline import distill
-from pipeline.distill import DistillConfig, lr_factor, parse_config
+from pipeline.distill import DistillConfig, parse_config
+from pipeline.optim import lr_factor, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["--teacher", "t", "--shards", "s"]
@@ -126,7 +127,7 @@ def test_param_groups_split_decay_and_experts():
     from deepspeed.moe.utils import is_moe_param
 
     model = tiny_moe()
-    groups = distill.param_groups(model, weight_decay=0.01)
+    groups = param_groups(model, weight_decay=0.01)
     seen = [p for g in groups for p in g["params"]]
     assert len(seen) == len(list(model.parameters())) and len({id(p) for p in seen}) == len(seen)
     for group in groups:
