@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from data_prep.config_cli import add_config_arguments, config_from_args
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
-from pipeline.optim import lr_factor, param_groups
+from pipeline.optim import lr_factor, param_groups, read_deepspeed_config
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
@@ -147,24 +147,7 @@ OWNED_DS_KEYS = {
 
 def deepspeed_config(cfg: DistillConfig) -> dict[str, Any]:
     """The DeepSpeed config file, checked, with batch size and clipping from `cfg`."""
-    from deepspeed.accelerator import get_accelerator
-
-    path = Path(cfg.deepspeed_config)
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the DeepSpeed config: {e}") from None
-    for key, flag in OWNED_DS_KEYS.items():
-        if key in ds:
-            raise ValueError(f"{path}: {key!r} is set by minimoe-distill ({flag}); remove it from the DeepSpeed config")
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ValueError(f"{path}: ZeRO stage 3 is not supported: DeepSpeed's MoE layer does not work with it "
-                         f"(Native DeepSpeed MoE is not supported with ZeRO Stage 3); use ZeRO 0, 1 or 2 "
-                         f"(ds_configs/zero2.json)")
-    accelerator = get_accelerator()
-    if ds.get("fp16", {}).get("enabled") and not accelerator.is_fp16_supported():
-        raise ValueError(f"{path}: fp16 is not supported on the {accelerator.device_name()} accelerator; "
-                         f"use bf16 (ds_configs/zero2-bf16.json) or fp32 (ds_configs/zero2.json)")
+    ds = read_deepspeed_config(cfg.deepspeed_config, OWNED_DS_KEYS, "minimoe-distill")
     return {**ds, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum, "gradient_clipping": cfg.max_grad_norm}
 

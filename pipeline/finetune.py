@@ -36,7 +36,7 @@ from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.metrics import METRICS
 from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
 from pipeline.objectives import logit_kd_loss
-from pipeline.optim import lr_factor, param_groups
+from pipeline.optim import lr_factor, param_groups, read_deepspeed_config
 from pipeline.tasks import PAPER_COLUMNS, TASKS, DataError, Task, find_task_dir, get_task, read_split
 
 # `--grid` without explicit lists: the learning rates and batch sizes tried for every task.
@@ -260,19 +260,17 @@ def init_single_process() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+# ds_config keys that finetune's flags own: a config setting them is refused rather than ignored.
+OWNED_DS_KEYS = {
+    "train_batch_size": "--batch-size", "train_micro_batch_size_per_gpu": "--batch-size",
+    "gradient_accumulation_steps": "--batch-size", "optimizer": "--lr / --weight-decay", "scheduler": "--lr / --warmup",
+}
+
+
 def deepspeed_config(path: str | None, batch_size: int) -> dict:
-    """The ds_config (ZeRO stage, precision) with the batch keys set from --batch-size. Optimizer and
-    schedule come from --lr/--warmup, so a config that sets them is refused rather than ignored."""
-    config = {"zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
-    if path:
-        try:
-            config = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the DeepSpeed config: {e}") from None
-        clashing = sorted({"optimizer", "scheduler"} & set(config))
-        if clashing:
-            raise ValueError(f"{path}: sets {clashing}; finetuning builds AdamW and the warmup schedule from --lr/--warmup")
-    config.pop("train_batch_size", None)
+    """The ds_config (ZeRO stage, precision; default ZeRO-0 fp32) with the batch set from --batch-size."""
+    config = read_deepspeed_config(path, OWNED_DS_KEYS, "minimoe-finetune") if path else {
+        "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
     return {**config, "train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
             "gradient_clipping": config.get("gradient_clipping", 1.0)}
 

@@ -1,6 +1,9 @@
-"""AdamW parameter groups and the LR schedule, shared by distillation and finetuning."""
+"""Training setup shared by distillation and finetuning: the DeepSpeed config, AdamW parameter groups
+and the LR schedule."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,3 +25,28 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def read_deepspeed_config(path: str | Path, owned_keys: dict[str, str], command: str) -> dict[str, Any]:
+    """A DeepSpeed JSON config (ZeRO stage, precision, ...), refused with a one-line reason when it sets a
+    key the command's flags own (`owned_keys`: key -> flag), asks for ZeRO-3 or for fp16 on a device
+    without it."""
+    from deepspeed.accelerator import get_accelerator
+
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the DeepSpeed config: {e}") from None
+    for key, flag in owned_keys.items():
+        if key in ds:
+            raise ValueError(f"{path}: {key!r} is set by {command} ({flag}); remove it from the DeepSpeed config")
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(f"{path}: ZeRO stage 3 is not supported: DeepSpeed's MoE layer does not work with it "
+                         f"(Native DeepSpeed MoE is not supported with ZeRO Stage 3); use ZeRO 0, 1 or 2 "
+                         f"(ds_configs/zero2.json)")
+    accelerator = get_accelerator()
+    if ds.get("fp16", {}).get("enabled") and not accelerator.is_fp16_supported():
+        raise ValueError(f"{path}: fp16 is not supported on the {accelerator.device_name()} accelerator; "
+                         f"use bf16 (ds_configs/zero2-bf16.json) or fp32 (ds_configs/zero2.json)")
+    return ds

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.tokenizer import load_tokenizer
-from pipeline.finetune import collate, encode, glue_score, kd_loss, main, results_table, task_loss
+from pipeline.finetune import collate, deepspeed_config, encode, glue_score, kd_loss, main, results_table, task_loss
 from pipeline.model import Student, StudentConfig, StudentForSequenceClassification
 from pipeline.tasks import Example, TaggedSentence, get_task, read_split
 
@@ -207,3 +207,16 @@ def test_conll_finetune_scores_words_as_seqeval(tmp_path, shared_data, tiny_moe_
         predicted.append([task.labels[int(logits[i].argmax())] for i in firsts])
         gold.append([task.labels[i] for i in sentence.labels])
     assert results["metrics"]["conll2003"]["entity_f1"] == pytest.approx(100 * seqeval.metrics.f1_score(gold, predicted))
+
+
+def test_deepspeed_config_refuses_owned_keys_and_zero3(tmp_path):
+    owned = tmp_path / "owned.json"
+    owned.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match=r"'optimizer' is set by minimoe-finetune \(--lr / --weight-decay\)"):
+        deepspeed_config(str(owned), batch_size=8)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        deepspeed_config(str(zero3), batch_size=8)
+    shipped = deepspeed_config(str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"), batch_size=8)
+    assert shipped["zero_optimization"]["stage"] == 2 and shipped["train_micro_batch_size_per_gpu"] == 8
