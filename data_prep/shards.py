@@ -1,4 +1,4 @@
-"""The shard format (CONTRACTS.md): Arrow IPC stream files plus manifest.json.
+"""The shard format: Arrow IPC stream files plus manifest.json.
 
 Columns: input_ids list<uint16> (list<int32> when the vocabulary has more than 65536 ids),
 token_type_ids list<uint8> (0 up to and including the first [SEP], 1 after), is_random_next bool.

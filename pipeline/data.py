@@ -1,7 +1,7 @@
 """Shard reader for distillation: memory-mapped Arrow shards, a seeded global shuffle per epoch,
 disjoint per-rank micro batches, a resumable cursor and pad-to-longest collation.
 
-The shard format (written by data_prep) is described in CONTRACTS.md: Arrow IPC stream files with
+The shard format (written by data_prep) is described in data_prep/shards.py: Arrow IPC stream files with
 `input_ids` / `token_type_ids` list columns and a `manifest.json` naming the tokenizer.
 """
 from __future__ import annotations
@@ -14,8 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-MANIFEST_FORMAT = "minimoe-shards"
-MANIFEST_VERSION = 1
+from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
 
 class ShardDataset:
@@ -25,12 +24,12 @@ class ShardDataset:
 
     def __init__(self, shard_dir: str | Path):
         self.dir = Path(shard_dir)
-        self.manifest_path = self.dir / "manifest.json"
+        self.manifest_path = self.dir / MANIFEST
         if not self.manifest_path.is_file():
             raise FileNotFoundError(f"{self.manifest_path}: no manifest.json; build shards with `python -m data_prep build`")
         self.manifest = json.loads(self.manifest_path.read_text())
-        if self.manifest.get("format") != MANIFEST_FORMAT or self.manifest.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{self.manifest_path}: not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest "
+        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{self.manifest_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
                              f"(format={self.manifest.get('format')!r}, version={self.manifest.get('version')!r})")
         # Per shard: flat token arrays and row offsets, so sample i is values[offsets[i]:offsets[i + 1]].
         self._ids, self._types, self._offsets, counts = [], [], [], []

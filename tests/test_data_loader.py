@@ -15,7 +15,7 @@ PAD, CLS, SEP = 0, 101, 102
 
 
 def write_shards(out: Path, shard_sizes: list[int], fingerprint: str = "f" * 64, seed: int = 0) -> list[list[int]]:
-    """Write shards in the CONTRACTS.md format with pyarrow; return every sample's input_ids, in order.
+    """Write shards in the data_prep/shards.py format with pyarrow; return every sample's input_ids, in order.
 
     Sample g (global index) is [CLS] g+1000 ... [SEP] x [SEP], of length 4 + g % 5, so it decodes to its index."""
     out.mkdir(parents=True, exist_ok=True)
