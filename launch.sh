@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Start minimoe distillation through the deepspeed launcher, on this node or on a cluster.
+# Start minimoe distillation (or finetuning) through the deepspeed launcher, on this node or on a cluster.
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
 usage: ./launch.sh distill [launch options] [minimoe-distill flags]
+       ./launch.sh finetune [launch options] [suite] [minimoe-finetune flags]
 
-Runs `deepspeed ... --module pipeline.distill FLAGS` and prints that command first.
+Runs `deepspeed ... --module pipeline.COMMAND FLAGS` and prints that command first.
 minimoe-distill flags: see `python -m pipeline.distill --help` (e.g. --teacher --shards --output).
+minimoe-finetune flags: see `python -m pipeline.finetune [suite] --help`; each process trains on
+--batch-size examples per step (data parallel), so the global batch is --batch-size x processes.
 
 launch options (taken by this script, anywhere on the line):
   --num-procs N      processes on this node (default: one per GPU, or one per CPU core without GPUs)
@@ -35,13 +38,16 @@ examples:
   ./launch.sh distill --teacher BERT_DIR --student 6L384H --experts 1 --shards S --output runs/ta
   python -m pipeline.export runs/ta runs/ta-model
   ./launch.sh distill --teacher runs/ta-model --student 3L384H --shards S --output runs/student-ta
+
+  # finetune the exported student on RTE with 2 data-parallel processes
+  ./launch.sh finetune --num-procs 2 --model runs/student-model --task rte --data-dir DATA --output runs/rte
 EOF
 }
 
 if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 0; fi
 command=$1; shift
-if [[ "$command" != "distill" ]]; then
-  echo "error: unknown command '$command' (known: distill); see ./launch.sh --help" >&2
+if [[ "$command" != "distill" && "$command" != "finetune" ]]; then
+  echo "error: unknown command '$command' (known: distill, finetune); see ./launch.sh --help" >&2
   exit 2
 fi
 
@@ -95,7 +101,7 @@ fi
 
 # pipeline/ importable from any working directory (relative paths in FLAGS stay the user's).
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-cmd=("${launcher[@]}" --module pipeline.distill "${flags[@]}")
+cmd=("${launcher[@]}" --module "pipeline.$command" "${flags[@]}")
 printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; printf '\n' >&2
 if [[ $dry_run -eq 1 ]]; then exit 0; fi
 exec "${cmd[@]}"

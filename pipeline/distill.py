@@ -316,9 +316,11 @@ class RunLog:
         now = time.perf_counter()
         n = len(self.parts)
         means = self.sums[:n] / self.steps
-        record = {"step": step, **dict(zip(self.parts, means.tolist())),
-                  "lr": self.lr, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+        record = {"step": step, **dict(zip(self.parts, means.tolist())), "lr": self.lr,
                   "tokens_per_s": float(self.sums[n]) / (now - self.since), "samples": samples_seen}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:  # DeepSpeed's ZeRO-0 fp32 step clips without keeping the norm
+            record["grad_norm"] = float(grad_norm)
         if self.window:
             recent = torch.stack(list(self.window)[-self.steps:]).sum(0)  # (L, E) tokens over the interval
             shares = recent / recent.sum(-1, keepdim=True).clamp_min(1)
@@ -330,7 +332,8 @@ class RunLog:
         with self.jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key in (*self.parts, "lr", "grad_norm", "tokens_per_s", "samples"):
-            self.writer.add_scalar(f"train/{key}", record[key], step)
+            if key in record:
+                self.writer.add_scalar(f"train/{key}", record[key], step)
         for layer, shares in enumerate(record.get("expert_shares", [])):
             for expert, share in enumerate(shares):
                 self.writer.add_scalar(f"experts/layer{layer}/expert{expert}", share, step)

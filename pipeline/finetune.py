@@ -2,12 +2,15 @@
 
     python -m pipeline.finetune --model DIR --task rte --data-dir ../shared/data/glue --output out/rte
     python -m pipeline.finetune suite --model DIR [DIR ...] --data-dir ../shared/data --output out/suite
+    ./launch.sh finetune --num-procs 2 [suite] ...   # data parallel: N processes through the deepspeed launcher
 
 The model dir is an exported student (config.json "model_type": "minimoe-student") or any Hugging Face
 encoder dir (BERT, RoBERTa, MPNet, ...; the packaged teacher is the reference row). Both go through one
 loop: the task loss is computed here from the logits, plus the student's MoE aux loss (0 for dense and HF
 models), plus the task-specific KD term of the paper's KD rows when --teacher is given.
 Each run writes results.json, the best-epoch model in model/ and TensorBoard logs in tensorboard/.
+Under the launcher every process trains on its slice of each batch and scores the whole dev set (the
+weights are equal on all ranks, so all ranks agree on the best epoch); rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -247,6 +250,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process; the launcher's RANK is known before torch.distributed is up."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -328,9 +336,10 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
             if step in epoch_ends:
                 history.append(evaluate(engine.module, task, data, batch_size, tokenizer.pad_token_id, step, writer))
                 progress.set_postfix(dev=f"{history[-1]['score']:.2f}")
-                if rank == 0 and (best is None or history[-1]["score"] > best["score"]):
+                if best is None or history[-1]["score"] > best["score"]:
                     best = history[-1]
-                    save_model(engine.module, tokenizer, output / "model")
+                    if rank == 0:
+                        save_model(engine.module, tokenizer, output / "model")
                 engine.train()
             if step == total_steps:
                 break
@@ -352,6 +361,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     if rank == 0:
         write_json(output / "results.json", results)
         writer.close()
+    torch.distributed.barrier()  # the other ranks see results.json before they look for it (suite resume)
     return results
 
 
@@ -405,7 +415,8 @@ def finetune(config: FinetuneConfig) -> dict:
     runs = [train_run(config, lr, bs, seed, output / "runs" / f"lr{lr:g}-bs{bs}-seed{seed}") for lr, bs, seed in grid]
     best = max(runs, key=lambda r: r["score"])
     summary = {**best, "grid": [{k: r[k] for k in ("lr", "batch_size", "seed", "score")} for r in runs]}
-    write_json(output / "results.json", summary)
+    if is_main_process():
+        write_json(output / "results.json", summary)
     return summary
 
 
@@ -474,8 +485,9 @@ def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) ->
         rows[name] = paper_numbers(results)
         summary[name] = {"numbers": rows[name], "glue_score": glue_score(rows[name])[0]}
     table = results_table(rows)
-    (output / "results.md").write_text(table)
-    write_json(output / "results.json", summary)
+    if is_main_process():
+        (output / "results.md").write_text(table)
+        write_json(output / "results.json", summary)
     return table
 
 
@@ -508,6 +520,7 @@ def build_parser(suite_command: bool) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's, put before `suite`
     suite_command = bool(argv) and argv[0] == "suite"
     args = vars(build_parser(suite_command).parse_args(argv[1:] if suite_command else argv))
     try:
@@ -515,11 +528,14 @@ def main(argv: list[str] | None = None) -> int:
             models, tasks = args.pop("model"), args.pop("tasks")
             for name in tasks or []:
                 get_task(name)
-            print(suite(FinetuneConfig(model=None, task=None, **args), models, tasks))
+            table = suite(FinetuneConfig(model=None, task=None, **args), models, tasks)
+            if is_main_process():
+                print(table)
         else:
             get_task(args["task"])
             results = finetune(FinetuneConfig(**args))
-            print(json.dumps({"task": results["task"], "metrics": results["metrics"], "model_dir": results["model_dir"]}, indent=2))
+            if is_main_process():
+                print(json.dumps({"task": results["task"], "metrics": results["metrics"], "model_dir": results["model_dir"]}, indent=2))
     except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

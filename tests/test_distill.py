@@ -7,12 +7,12 @@ import dataclasses
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from launcher import free_port
 
 from data_prep.config_cli import field_docs
 from pipeline import distill
@@ -179,12 +179,6 @@ class FakeEngine:
 
     def load_checkpoint(self, load_dir, tag, load_module_only):
         self.loads.append((tag, load_module_only))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

@@ -6,17 +6,15 @@ process and resuming onto another layout."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launcher import free_port, launch, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 relation heads: with the default 32 a 64-wide student has 2 dimensions per relation head and learns slowly.
@@ -24,33 +22,6 @@ TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--experts", "4", "--
         "--relation-heads", "4"]
 
 pytestmark = pytest.mark.multiproc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_group(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run a launcher command; on timeout kill its whole process group (launcher and ranks), then fail."""
-    # PATH stays as it is: a PATH with another `ninja` first would make DeepSpeed rebuild its JIT op.
-    env = {**os.environ, "PYTHON": sys.executable}
-    with subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True) as process:
-        try:
-            out, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, _ = process.communicate()
-            pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-3000:]}")
-    return subprocess.CompletedProcess(cmd, process.returncode, out)
-
-
-def launch(args: list[str], procs: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    """./launch.sh distill on `procs` local CPU ranks (stdout and stderr together in .stdout)."""
-    return run_group(["bash", str(REPO / "launch.sh"), "distill", "--num-procs", str(procs),
-                      "--master-port", str(free_port()), *args], timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -73,7 +44,7 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
               "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json"), "--max-steps", "16", "--lr", "5e-3",
               "--warmup", "0.1", "--log-every", "1", "--save-every", "8", "--seed", "7"]
     full = tmp_path / "full"
-    run = launch([*common, "--output", str(full)])
+    run = launch("distill", [*common, "--output", str(full)])
     assert run.returncode == 0, run.stdout[-3000:]
 
     # Trains: the relation loss falls over 16 steps of real data.
@@ -107,7 +78,7 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-00000016", "tensorboard"))
     (resumed / "checkpoints" / "latest").write_text("step-00000008")
-    run = launch([*common, "--output", str(resumed), "--resume"])
+    run = launch("distill", [*common, "--output", str(resumed), "--resume"])
     assert run.returncode == 0, run.stdout[-3000:]
     again = losses(resumed)
     assert sorted(again) == list(range(1, 17))
@@ -151,12 +122,12 @@ def test_refusals_through_the_launcher(wiki_shards, teacher_dir, tmp_path):
     manifest = json.loads((foreign / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64
     (foreign / "manifest.json").write_text(json.dumps(manifest))
-    run = launch([*common, "--shards", str(foreign)])
+    run = launch("distill", [*common, "--shards", str(foreign)])
     assert run.returncode != 0
     assert f"error: {foreign / 'manifest.json'}: tokenizer fingerprint 000000000000... differs from the teacher's" in run.stdout
     assert "Traceback" not in run.stdout
     # ep_size that does not divide the world size.
-    run = launch([*common, "--shards", str(wiki_shards), "--ep-size", "4"])
+    run = launch("distill", [*common, "--shards", str(wiki_shards), "--ep-size", "4"])
     assert run.returncode != 0 and "error: --ep-size 4 does not divide the world size 2" in run.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -165,7 +136,7 @@ def test_refusals_through_the_launcher(wiki_shards, teacher_dir, tmp_path):
 def test_real_run_relation_loss_halves_and_no_expert_collapses(wiki_shards, teacher_dir, tmp_path):
     """MiniMoE 4L;192H (4 experts over 2 ranks, ZeRO-2) from the packaged teacher, 300 steps x 32 samples."""
     out = tmp_path / "run"
-    run = launch(["--teacher", str(teacher_dir), "--shards", str(wiki_shards), "--output", str(out),
+    run = launch("distill", ["--teacher", str(teacher_dir), "--shards", str(wiki_shards), "--output", str(out),
                   "--student", "4L192H", "--experts", "4", "--ep-size", "2", "--relation-heads", "12",
                   "--micro-batch-size", "16", "--max-steps", "300", "--lr", "1e-3", "--warmup", "0.05",
                   "--log-every", "10", "--save-every", "300", "--collapse-window", "50"], timeout=2400)
@@ -184,11 +155,11 @@ def test_one_process_exact_resume_and_resume_onto_another_layout(wiki_shards, te
               "--heads", "4", "--experts", "4", "--relation-heads", "4", "--micro-batch-size", "8",
               "--max-steps", "10", "--lr", "5e-3", "--log-every", "1", "--save-every", "5", "--seed", "3"]
     full = tmp_path / "full"
-    assert launch([*common, "--output", str(full)], procs=1).returncode == 0
+    assert launch("distill", [*common, "--output", str(full)], procs=1).returncode == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-00000010", "tensorboard"))
     (resumed / "checkpoints" / "latest").write_text("step-00000005")
-    run = launch([*common, "--output", str(resumed), "--resume"], procs=1)
+    run = launch("distill", [*common, "--output", str(resumed), "--resume"], procs=1)
     assert run.returncode == 0, run.stdout[-3000:]
     curve, again = losses(full), losses(resumed)
     for step in range(6, 11):
@@ -197,7 +168,7 @@ def test_one_process_exact_resume_and_resume_onto_another_layout(wiki_shards, te
     other = tmp_path / "other"
     shutil.copytree(full, other, ignore=shutil.ignore_patterns("step-00000010", "tensorboard"))
     (other / "checkpoints" / "latest").write_text("step-00000005")
-    run = launch([*common, "--output", str(other), "--resume", "--ep-size", "2"], procs=2)
+    run = launch("distill", [*common, "--output", str(other), "--resume", "--ep-size", "2"], procs=2)
     assert run.returncode == 0, run.stdout[-3000:]
     assert re.search(r"warning: resumed the weights of step-00000005 only: optimizer state was reset", run.stdout)
     assert sorted(losses(other)) == list(range(1, 11))

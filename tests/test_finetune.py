@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from launcher import launch
 
 from data_prep.tokenizer import load_tokenizer
 from pipeline.finetune import collate, deepspeed_config, encode, glue_score, kd_loss, main, results_table, task_loss
@@ -135,18 +136,35 @@ def test_tiny_moe_student_beats_majority_on_sst2_slice(tmp_path, tiny_moe_dir):
     assert results["majority_baseline"]["sst2"]["acc"] == pytest.approx(100 * majority)
     assert results["metrics"]["sst2"]["acc"] > 100 * majority + 8
     assert [h["step"] for h in results["history"]] == [94, 188]  # ceil(3000 / 32) steps per epoch
-    # the saved best model scores what results.json says
-    task = get_task("sst2")
-    model = StudentForSequenceClassification.from_pretrained(out / "model").eval()
-    tokenizer = load_tokenizer(str(out / "model"))
-    dev = read_split(task, SST2_SLICE / "dev.tsv")
-    batch = collate(encode(task, dev, tokenizer, 64), tokenizer.pad_token_id)
-    labels = batch.pop("labels")
-    with torch.no_grad():
-        accuracy = (model(**batch).logits.argmax(-1) == labels).float().mean().item()
-    assert 100 * accuracy == pytest.approx(results["metrics"]["sst2"]["acc"])
+    assert saved_model_sst2_accuracy(out / "model") == pytest.approx(results["metrics"]["sst2"]["acc"])
     tags = _tensorboard_tags(out / "tensorboard")
     assert {"train/loss", "train/aux_loss", "train/lr", "dev/sst2/acc"} <= tags
+
+
+@pytest.mark.multiproc
+def test_two_process_finetune_through_the_launcher(tmp_path, tiny_moe_dir):
+    """./launch.sh finetune: 2 data-parallel ranks split each epoch, agree on the best epoch, and rank 0
+    alone writes the files (the table is printed once)."""
+    run = launch("finetune", ["suite", "--model", f"tiny={tiny_moe_dir}", "--data-dir", str(SST2_SLICE.parent),
+                              "--output", str(tmp_path), "--lr", "2e-3", "--epochs", "2", "--batch-size", "16",
+                              "--max-train-examples", "640", "--max-seq-length", "64"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    results = json.loads((tmp_path / "tiny" / "sst2" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["train_examples"] == 640
+    assert [h["step"] for h in results["history"]] == [20, 40]  # 640 / (2 ranks x 16) steps per epoch
+    assert run.stdout.count("| tiny |") == 1
+    assert saved_model_sst2_accuracy(tmp_path / "tiny" / "sst2" / "model") == pytest.approx(results["metrics"]["sst2"]["acc"])
+
+
+def saved_model_sst2_accuracy(model_dir: Path) -> float:
+    """Dev accuracy (%) of a saved SST-2 model, scored here in one plain process."""
+    task = get_task("sst2")
+    model = StudentForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    batch = collate(encode(task, read_split(task, SST2_SLICE / "dev.tsv"), tokenizer, 64), tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        return 100 * (model(**batch).logits.argmax(-1) == labels).float().mean().item()
 
 
 def _tensorboard_tags(path: Path) -> set[str]:
