@@ -1,7 +1,7 @@
 """Command-line flags and JSON config files from a typed config dataclass (one docstring per field).
 
-Shared by `python -m data_prep build` (BuildConfig) and `minimoe-distill` (DistillConfig), so that both
-stages spell flags, help texts and type checks the same way. It lives in data_prep because pipeline
+Shared by `python -m data_prep build` (BuildConfig), `minimoe-distill` (DistillConfig) and
+`minimoe-finetune` (FinetuneConfig), so that the stages spell flags, help texts and type checks the same way. It lives in data_prep because pipeline
 already imports data_prep (the tokenizer), never the other way round.
 """
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import Any
 T = typing.TypeVar("T")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool = False) -> None:
-    """One --flag per field of `cls` (help: the field's docstring), plus --config FILE if `config_file`.
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool = False,
+                         exclude: tuple[str, ...] = ()) -> None:
+    """One --flag per field of `cls` but `exclude` (help: the field's docstring), plus --config FILE if
+    `config_file`.
 
     Defaults stay out of the namespace (SUPPRESS) so that `config_from_args` can tell a flag that was
     given from one that was not: defaults < file < flags.
@@ -29,20 +31,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, config_file
     if config_file:
         parser.add_argument("--config", help="JSON file of the fields below (snake_case keys)")
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
-    for f in fields(cls):
-        required = f.default is MISSING and f.default_factory is MISSING
-        shown = f.default not in (MISSING, None, "")  # "" and None mean "see the docstring"
-        helptext = (docs[f.name] + (f" (default: {f.default})" if shown else "")).replace("%", "%%")
+    for f in (f for f in fields(cls) if f.name not in exclude):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        shown = default not in (MISSING, None, "")  # "" and None mean "see the docstring"
+        helptext = (docs[f.name] + (f" (default: {_shown(default)})" if shown else "")).replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), help=helptext, default=argparse.SUPPRESS,
-                            required=required, **_argparse_type(hints[f.name]), **f.metadata)
+                            required=default is MISSING, **_argparse_type(hints[f.name]), **f.metadata)
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """`cls` from the parsed flags over the --config file (if any) over the field defaults."""
+def _shown(default: Any) -> str:
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
+    """`cls` from `fixed` over the parsed flags over the --config file (if any) over the field defaults."""
     flags = dict(vars(args))
     file = flags.pop("config", None)
     values = read_config_file(Path(file), cls) if file else {}
-    return cls(**(values | flags))
+    return cls(**(values | flags | fixed))
 
 
 def read_config_file(path: Path, cls: type) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from data_prep.config_cli import add_config_arguments, config_from_args
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.metrics import METRICS
 from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
@@ -47,38 +48,51 @@ GRID_LR = (2e-5, 5e-5, 1e-4)
 GRID_BATCH_SIZE = (16, 32)
 
 
-def _option(default, help: str, **argparse_kwargs):
-    """A config field whose `help` is its documentation, shown by --help."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
 @dataclass
 class FinetuneConfig:
     """One finetuning job: a task, a model and its hyperparameters (lists make a grid)."""
 
-    model: str = _option(None, "model dir: an exported student or a Hugging Face encoder dir", required=True)
-    task: str = _option(None, f"task: {', '.join(TASKS)} (case and '-' ignored: SST-2 = sst2)", required=True)
-    data_dir: str = _option(None, "the task's folder, or a folder holding it as TASK/ or glue/TASK/", required=True)
-    output: str = _option(None, "output dir (results.json, model/, tensorboard/; runs/ for a grid)", required=True)
-    lr: tuple[float, ...] = _option((5e-5,), "peak learning rate(s) of AdamW; several values form a grid", nargs="+")
-    batch_size: tuple[int, ...] = _option((32,), "micro batch size(s) per process (overrides the ds_config's)", nargs="+")
-    seed: tuple[int, ...] = _option((42,), "random seed(s): head init, dropout, data order", nargs="+")
-    grid: bool = _option(False, f"grid over lr {GRID_LR} x batch {GRID_BATCH_SIZE} x the seeds, "
-                                "unless --lr/--batch-size list values; keep the best dev run")
-    epochs: float = _option(3.0, "training epochs (fractions allowed); dev is scored after each epoch")
-    warmup: float = _option(0.1, "linear warmup, as a fraction of the steps; then linear decay to 0")
-    weight_decay: float = _option(0.01, "AdamW weight decay (not on biases and LayerNorm)")
-    max_seq_length: int = _option(128, "tokens per example after truncation")
-    max_train_examples: int = _option(None, "use only the first N training examples (e.g. 20000 for SST-2)")
-    teacher: str = _option(None, "finetuned model dir for task-specific KD (the paper's KD rows)")
-    kd_alpha: float = _option(0.5, "weight of the KD term; 1 - kd_alpha weighs the task loss")
-    temperature: float = _option(1.0, "softmax temperature of the KD term")
-    deepspeed_config: str = _option(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json); default ZeRO-0 fp32")
+    model: str
+    """Model dir: an exported student or a Hugging Face encoder dir."""
+    task: str
+    """Task: sst2, mrpc, stsb, qqp, mnli, qnli, rte, cola or conll2003 (case and '-' ignored: SST-2 = sst2)."""
+    data_dir: str
+    """The task's folder, or a folder holding it as TASK/ or glue/TASK/."""
+    output: str
+    """Output dir: results.json, model/ (the best epoch), tensorboard/; runs/ for a grid."""
+    lr: list[float] = field(default_factory=lambda: [5e-5])
+    """Peak learning rate(s) of AdamW; several values form a grid."""
+    batch_size: list[int] = field(default_factory=lambda: [32])
+    """Micro batch size(s) per process (overrides the ds_config's); under the launcher the global batch
+    is this x processes."""
+    seed: list[int] = field(default_factory=lambda: [42])
+    """Random seed(s): head init, dropout, data order."""
+    grid: bool = False
+    """Grid over lr 2e-5, 5e-5, 1e-4 x batch 16, 32 x the seeds, unless --lr / --batch-size list values;
+    keep the best dev run."""
+    epochs: float = 3.0
+    """Training epochs (fractions allowed); dev is scored after each epoch."""
+    warmup: float = 0.1
+    """Linear warmup, as a fraction of the steps; then linear decay to 0."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and LayerNorm)."""
+    max_seq_length: int = 128
+    """Tokens per example after truncation."""
+    max_train_examples: int | None = None
+    """Use only the first N training examples (e.g. 20000 for SST-2); default: all."""
+    teacher: str | None = None
+    """Finetuned model dir for task-specific KD (the paper's KD rows)."""
+    kd_alpha: float = 0.5
+    """Weight of the KD term; 1 - kd_alpha weighs the task loss."""
+    temperature: float = 1.0
+    """Softmax temperature of the KD term."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON config (e.g. ds_configs/zero2.json); default: ZeRO-0 fp32."""
 
     def __post_init__(self) -> None:
         if self.grid:
-            self.lr = self.lr if len(self.lr) > 1 else GRID_LR
-            self.batch_size = self.batch_size if len(self.batch_size) > 1 else GRID_BATCH_SIZE
+            self.lr = self.lr if len(self.lr) > 1 else list(GRID_LR)
+            self.batch_size = self.batch_size if len(self.batch_size) > 1 else list(GRID_BATCH_SIZE)
         if not 0 <= self.kd_alpha <= 1 or self.temperature <= 0 or self.epochs <= 0 or not 0 <= self.warmup < 1:
             raise ValueError("need 0 <= kd_alpha <= 1, temperature > 0, epochs > 0 and 0 <= warmup < 1")
 
@@ -494,24 +508,12 @@ def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) ->
 # ---------------------------------------------------------------- command line
 
 
-ARGUMENT_TYPES = {"str": str, "int": int, "float": float, "tuple[float, ...]": float, "tuple[int, ...]": int}
-
-
 def build_parser(suite_command: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minimoe-finetune" + (" suite" if suite_command else ""),
         description=("Finetune one or more models on every task whose data is under --data-dir and write "
-                     "results.md in the paper's column order." if suite_command else __doc__.split("\n\n")[0]),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(f.metadata)
-        if suite_command and f.name in ("model", "task"):
-            continue
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=kwargs["help"])
-            continue
-        parser.add_argument(flag, type=ARGUMENT_TYPES[f.type], default=f.default, **kwargs)
+                     "results.md in the paper's column order." if suite_command else __doc__.split("\n\n")[0]))
+    add_config_arguments(parser, FinetuneConfig, config_file=True, exclude=("model", "task") if suite_command else ())
     if suite_command:
         parser.add_argument("--model", nargs="+", required=True, help="model dirs, one table row each: DIR or NAME=DIR")
         parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks to run (default: all present of {SUITE_ORDER})")
@@ -522,18 +524,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's, put before `suite`
     suite_command = bool(argv) and argv[0] == "suite"
-    args = vars(build_parser(suite_command).parse_args(argv[1:] if suite_command else argv))
+    args = build_parser(suite_command).parse_args(argv[1:] if suite_command else argv)
     try:
         if suite_command:
-            models, tasks = args.pop("model"), args.pop("tasks")
+            models, tasks = args.model, args.tasks
+            del args.model, args.tasks
             for name in tasks or []:
                 get_task(name)
-            table = suite(FinetuneConfig(model=None, task=None, **args), models, tasks)
+            table = suite(config_from_args(FinetuneConfig, args, model="", task=""), models, tasks)
             if is_main_process():
                 print(table)
         else:
-            get_task(args["task"])
-            results = finetune(FinetuneConfig(**args))
+            get_task(args.task)
+            results = finetune(config_from_args(FinetuneConfig, args))
             if is_main_process():
                 print(json.dumps({"task": results["task"], "metrics": results["metrics"], "model_dir": results["model_dir"]}, indent=2))
     except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError

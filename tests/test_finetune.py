@@ -1,6 +1,7 @@
 """Finetune stage: encoding, losses, the results table and GLUE score, CLI errors, and real finetunes."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,29 @@ def test_conll_finetune_scores_words_as_seqeval(tmp_path, shared_data, tiny_moe_
         predicted.append([task.labels[int(logits[i].argmax())] for i in firsts])
         gold.append([task.labels[i] for i in sentence.labels])
     assert results["metrics"]["conll2003"]["entity_f1"] == pytest.approx(100 * seqeval.metrics.f1_score(gold, predicted))
+
+
+def test_flags_config_file_and_help_texts(tmp_path):
+    from data_prep.config_cli import config_from_args, field_docs
+    from pipeline.finetune import GRID_BATCH_SIZE, GRID_LR, FinetuneConfig, build_parser
+    from pipeline.tasks import TASKS
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"lr": [1e-4, 3e-4], "epochs": 2, "max_train_examples": 20000}))
+    common = ["--config", str(recipe), "--data-dir", "D", "--output", "O", "--epochs", "1"]
+    config = config_from_args(FinetuneConfig, build_parser(False).parse_args(["--model", "M", "--task", "rte", *common]))
+    assert (config.lr, config.epochs, config.max_train_examples, config.batch_size) == ([1e-4, 3e-4], 1, 20000, [32])
+    args = build_parser(True).parse_args(["--model", "a=A", "b=B", *common])  # suite: --model lists the rows
+    assert args.model == ["a=A", "b=B"]
+    recipe.write_text(json.dumps({"learning_rate": 1e-4}))
+    with pytest.raises(ValueError, match=rf"{recipe}: unknown field 'learning_rate'"):
+        config_from_args(FinetuneConfig, build_parser(False).parse_args(["--model", "M", "--task", "rte", *common]))
+    # the help texts name what the code uses
+    docs = field_docs(FinetuneConfig)
+    assert all(name in docs["task"] for name in TASKS)
+    lrs, batches = re.search(r"lr ([^x]+) x batch ([^x]+) x", docs["grid"]).groups()
+    assert [float(v) for v in lrs.split(",")] == list(GRID_LR)
+    assert [int(v) for v in batches.split(",")] == list(GRID_BATCH_SIZE)
 
 
 def test_deepspeed_config_refuses_owned_keys_and_zero3(tmp_path):
