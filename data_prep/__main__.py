@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inspect = commands.add_parser("inspect", help="summary, length histogram and decoded samples of a built directory")
     inspect.add_argument("output", help="a directory with manifest.json")
     inspect.add_argument("--samples", type=int, default=3, help="decoded samples to print (default: %(default)s)")
+    inspect.add_argument("--verify", action="store_true", help="check every shard's sha256 against manifest.json "
+                         "(exit status 2 naming the first that differs)")
     return parser.parse_args(argv)
 
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output}/manifest.json: {summary_line(merge(args.output))}")
         else:
             from data_prep.inspect_shards import inspect_output
-            inspect_output(args.output, args.samples)
+            inspect_output(args.output, args.samples, args.verify)
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

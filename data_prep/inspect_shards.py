@@ -1,4 +1,5 @@
-"""python -m data_prep inspect DIR: manifest summary, sample length histogram, decoded samples."""
+"""python -m data_prep inspect DIR: manifest summary, sample length histogram, decoded samples, and with
+--verify the shards' sha256 against the manifest (after a copy to a cluster, before a long run)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +9,13 @@ import pyarrow as pa
 
 from data_prep.build import open_tokenizer, summary_line
 from data_prep.config import DataPrepError
-from data_prep.shards import MANIFEST, read_json
+from data_prep.shards import MANIFEST, file_sha256, read_json
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
 
 
-def inspect_output(output: str, num_samples: int) -> None:
+def inspect_output(output: str, num_samples: int, verify: bool = False) -> None:
     path = Path(output) / MANIFEST
     if not path.exists():
         raise DataPrepError(f"{path}: not found (build not finished? after partitions: python -m data_prep merge {output})")
@@ -24,6 +25,8 @@ def inspect_output(output: str, num_samples: int) -> None:
     print(f"tokenizer {tok['path']} (vocab {tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}), "
           f"max_seq_length {manifest['max_seq_length']}, seed {manifest['seed']}, "
           f"random-next B {manifest['totals']['random_next'] / max(manifest['totals']['num_samples'], 1):.1%}")
+    if verify:
+        verify_checksums(Path(output), manifest)
     lengths = []
     for shard in manifest["shards"]:
         with pa.memory_map(str(Path(output) / shard["file"])) as source:
@@ -31,6 +34,17 @@ def inspect_output(output: str, num_samples: int) -> None:
             lengths.append(ids.combine_chunks().value_lengths().to_numpy(zero_copy_only=False))
     _print_histogram(np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32), manifest["max_seq_length"])
     _print_samples(Path(output), manifest, num_samples)
+
+
+def verify_checksums(output: Path, manifest: dict) -> None:
+    """Every shard's sha256 equals manifest.json's, or a DataPrepError naming the first shard that differs."""
+    for shard in manifest["shards"]:
+        path = output / shard["file"]
+        if not path.is_file():
+            raise DataPrepError(f"{path}: missing (listed in {output / MANIFEST})")
+        if file_sha256(path) != shard["sha256"]:
+            raise DataPrepError(f"{path}: sha256 differs from {output / MANIFEST} (corrupt or changed after the build)")
+    print(f"verified: the sha256 of all {len(manifest['shards'])} shards match the manifest")
 
 
 def _print_histogram(lengths: np.ndarray, max_seq_length: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,6 +215,19 @@ def test_inspect_prints_histogram_and_decoded_samples(reference, capsys):
     histogram = [int(m.replace(",", "")) for m in re.findall(r"^\s+\d+-\d+\s+([\d,]+)", text, re.M)]
     assert sum(histogram) == manifest["totals"]["num_samples"]
     assert text.count("[CLS]") == 2 and text.count("[SEP]") == 4
+
+
+def test_inspect_verify_names_a_changed_shard(reference, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference[1], copy)
+    assert run("inspect", copy, "--samples", 0, "--verify") == 0
+    assert "verified: the sha256 of all 7 shards match the manifest" in capsys.readouterr().out
+    shard = copy / "shard-00004.arrow"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 1  # one flipped bit, in the ids of the last batch
+    shard.write_bytes(bytes(data))
+    assert run("inspect", copy, "--samples", 0, "--verify") == 2
+    assert capsys.readouterr().err == f"error: {shard}: sha256 differs from {copy / 'manifest.json'} (corrupt or changed after the build)\n"
 
 
 def normalize(text: str) -> str:
