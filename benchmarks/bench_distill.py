@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import distill  # noqa: E402
 from pipeline.data import ShardDataset, ShardLoader  # noqa: E402
-from pipeline.optim import lr_factor, param_groups  # noqa: E402
+from pipeline.optim import build_engine, lr_factor  # noqa: E402
 
 
 def synchronize() -> None:
@@ -48,15 +48,9 @@ class EngineRun:
     """The engine path of pipeline.distill for one student, in this (single-rank) process."""
 
     def __init__(self, cfg: distill.DistillConfig, teacher, shards: ShardDataset):
-        import deepspeed
-
         self.cfg, self.teacher = cfg, teacher
-        config = distill.student_config(cfg, teacher.tokenizer)
-        student = distill.build_student(config, cfg.seed)
-        optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, eps=1e-6)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 0, 10**6))
-        self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=distill.deepspeed_config(cfg))
+        student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed)
+        self.engine = build_engine(student, distill.deepspeed_config(cfg), cfg.lr, cfg.weight_decay, 0, 10**6, eps=1e-6)
         self.router = distill.RouterStats(self.engine.module, self.engine.device)
         self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
 
@@ -79,7 +73,7 @@ class PlainRun:
         decay = [p for p in self.student.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.student.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, 0, 10**6))
         self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
 

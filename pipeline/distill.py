@@ -32,7 +32,7 @@ from data_prep.config_cli import add_config_arguments, config_from_args
 from data_prep.tokenizer import packaged_teacher_dir
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
-from pipeline.optim import lr_factor, param_groups, read_deepspeed_config
+from pipeline.optim import build_engine, read_deepspeed_config
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
@@ -441,9 +441,7 @@ def distill(cfg: DistillConfig) -> None:
     samples_per_epoch = len(shards) // (cfg.micro_batch_size * world) * cfg.micro_batch_size * world  # see ShardLoader
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * samples_per_epoch / global_batch)
     warmup_steps = round(cfg.warmup * total_steps)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+    engine = build_engine(student, ds, cfg.lr, cfg.weight_decay, warmup_steps, total_steps, eps=1e-6)
     teacher.to(engine.device)
     router = RouterStats(engine.module, engine.device)
 

@@ -40,7 +40,7 @@ from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.metrics import METRICS
 from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
 from pipeline.objectives import logit_kd_loss
-from pipeline.optim import lr_factor, param_groups, read_deepspeed_config
+from pipeline.optim import build_engine, read_deepspeed_config
 from pipeline.tasks import PAPER_COLUMNS, TASKS, DataError, Task, find_task_dir, get_task, read_split
 
 # `--grid` without explicit lists: the learning rates and batch sizes tried for every task.
@@ -324,11 +324,9 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr)
     warmup_steps = max(1, int(config.warmup * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(config.deepspeed_config, batch_size))
+    engine = build_engine(model, deepspeed_config(config.deepspeed_config, batch_size), lr, config.weight_decay,
+                          warmup_steps, total_steps)
     if teacher is not None:
         teacher.to(engine.device)
 
@@ -346,7 +344,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
             if writer and step % 10 == 0:
                 writer.add_scalar("train/loss", loss.item(), step)
                 writer.add_scalar("train/aux_loss", aux.item(), step)
-                writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
+                writer.add_scalar("train/lr", engine.get_lr()[0], step)
             if step in epoch_ends:
                 history.append(evaluate(engine.module, task, data, batch_size, tokenizer.pad_token_id, step, writer))
                 progress.set_postfix(dev=f"{history[-1]['score']:.2f}")
