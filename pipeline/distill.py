@@ -484,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         distill(cfg)
         code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        # Every rank says why it stops: the launcher kills the others as soon as one exits, so a message
+        # left to rank 0 can be lost, and some errors (a file missing on one node) are one rank's own.
+        print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr)
         code = 2 if not isinstance(e, FloatingPointError) else 1
     # A clean shutdown on every rank: without it some finished gloo runs abort in the destructor
     # ("terminate called without an active exception") and the launcher reports a failure.
