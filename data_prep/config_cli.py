@@ -1,8 +1,9 @@
 """Command-line flags and JSON config files from a typed config dataclass (one docstring per field).
 
 Shared by `python -m data_prep build` (BuildConfig), `minimoe-distill` (DistillConfig) and
-`minimoe-finetune` (FinetuneConfig), so that the stages spell flags, help texts and type checks the same way. It lives in data_prep because pipeline
-already imports data_prep (the tokenizer), never the other way round.
+`minimoe-finetune` (FinetuneConfig), so that the stages spell flags, help texts and type checks the same
+way. It lives in data_prep because pipeline already imports data_prep (the tokenizer), never the other
+way round.
 """
 from __future__ import annotations
 
