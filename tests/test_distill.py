@@ -183,15 +183,6 @@ class FakeEngine:
         self.loads.append((tag, load_module_only))
 
 
-@pytest.fixture()
-def one_rank_group():
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("stage", [0, 2])
 def test_engine_steps_like_a_plain_torch_loop(stage, deepspeed_rank0):
     """build_engine (fused AdamW, decay groups, clipping, warmup/decay schedule; ZeRO-0 on one rank without
@@ -232,7 +223,7 @@ def test_engine_steps_like_a_plain_torch_loop(stage, deepspeed_rank0):
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_checkpoints_keep_newest_and_resume_restores_rng(tmp_path, one_rank_group):
+def test_checkpoints_keep_newest_and_resume_restores_rng(tmp_path, deepspeed_rank0):
     from pipeline import checkpoint
 
     engine, layout, student = FakeEngine(), {"world_size": 1, "ep_size": 1}, {"num_layers": 2, "ep_size": 1}
