@@ -89,7 +89,7 @@ class PlainRun:
             synchronize()
             in_teacher += time.perf_counter() - t0
             out = self.student(**batch)
-            loss, _ = minilm_relation_loss(out.qkv, teacher_qkv, batch["attention_mask"], self.cfg.relation_heads,
+            loss, _ = minilm_relation_loss(out.relation_qkv, teacher_qkv, batch["attention_mask"], self.cfg.relation_heads,
                                            aux_loss=out.aux_loss)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)

@@ -112,7 +112,7 @@ def bench_train(args) -> list[str]:
         def step():
             qkv = teacher(ids, mask)
             out = model(ids, mask)
-            loss, _ = minilm_relation_loss(out.qkv, qkv, mask, aux_loss=out.aux_loss)
+            loss, _ = minilm_relation_loss(out.relation_qkv, qkv, mask, aux_loss=out.aux_loss)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

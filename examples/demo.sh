@@ -15,7 +15,7 @@ python -m data_prep build --input examples/data/wiki_sample --output "$OUT/shard
 echo "== 2/4 distill a MiniMoE 3L;384H student (4 experts, ep_size $PROCS) from all-MiniLM-L6-v2 (the default teacher)"
 ./launch.sh distill --num-procs "$PROCS" --shards "$OUT/shards" \
     --output "$OUT/distill" --student 3L384H --experts 4 --ep-size "$PROCS" \
-    --max-steps "$STEPS" --micro-batch-size 16 --warmup 0.05 --log-every 10 --save-every 45
+    --max-steps "$STEPS" --micro-batch-size 16 --global-batch-size $((16 * PROCS)) --warmup 0.05 --log-every 10 --save-every 45
 
 echo "== 3/4 export the checkpoint to a plain model dir"
 python -m pipeline.export "$OUT/distill" "$OUT/model"

@@ -58,7 +58,7 @@ class DistillConfig:
     teacher_layer: int = -1
     """Teacher layer whose relations are distilled (0-based, negative from the end): the last for base-sized teachers, an upper-middle one for large teachers (MiniLMv2)."""
     relation_heads: int = 32
-    """Relation heads R that Q, K and V are split into (32 for base-sized teachers, 48 for large ones); teacher and student hidden sizes must divide by it (--objective minilm only)."""
+    """Relation heads R that Q, K and V are split into; teacher and student hidden sizes must divide by it (--objective minilm only). 32 as in all of the authors' scripts; it divides 1024, so large teachers work too; MiniLMv2 distils large teachers with 64 (48 divides neither 1024 nor 768's students: refused)."""
     student: str = "3L384H"
     """Student size preset (pipeline.model.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 12L384H, 12L768H)."""
     student_config: str | None = None
@@ -71,6 +71,10 @@ class DistillConfig:
     """Student attention heads (default: the preset's or the config file's; the paper keeps 12)."""
     experts: int | None = None
     """Experts per FFN: 1 = MiniLM (dense), 4 = MiniMoE (default with a preset; the file's value with --student-config)."""
+    relation_projection: bool | None = None
+    """Distil the relations from an extra Q/K/V projection of the student's last hidden state (the authors' MiniMoE) instead of its last layer's own Q/K/V (their MiniLM); default: on for MoE students with --objective minilm, off otherwise. Export drops it."""
+    router_noise: str | None = None
+    """Router noise in training: LogitJitter (+-0.1 uniform on the logits, the authors'), RSample (Gumbel: the choice is a sample), Jitter (DeepSpeed's input jitter) or none; default: the student config's (LogitJitter)."""
     ep_size: int = 1
     """Expert-parallel degree: the experts of every MoE layer are spread over this many ranks; must divide the experts and the world size."""
     deepspeed_config: str = str(DS_CONFIGS / "zero2.json")
@@ -79,10 +83,10 @@ class DistillConfig:
     """Optimizer steps to train; 0 = derive from --epochs."""
     epochs: float = 5.0
     """Passes over the shards when --max-steps is 0 (the paper: 5)."""
+    global_batch_size: int = 1024
+    """Samples per optimizer step over all ranks (the paper: 1024 = 128 x 8 GPUs); gradient accumulation = global batch / (micro batch x ranks), which must divide."""
     micro_batch_size: int = 32
     """Samples per rank per forward/backward."""
-    grad_accum: int = 1
-    """Micro batches per optimizer step; global batch = micro batch x grad accum x ranks (the paper: 1024)."""
     lr: float = 3e-4
     """Peak learning rate of AdamW (the paper: 3e-4)."""
     warmup: float = 0.01
@@ -113,7 +117,8 @@ class DistillConfig:
             "objective": (self.objective in LOSS_PARTS, f"must be one of {', '.join(LOSS_PARTS)}"),
             "shards": (self.shards != "", "is required"),
             "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),
-            "grad_accum": (self.grad_accum >= 1, "must be >= 1"),
+            "router_noise": (self.router_noise in (None, "none", "LogitJitter", "RSample", "Jitter"),
+                             "must be LogitJitter, RSample, Jitter or none"),
             "max_steps": (self.max_steps >= 0, "must be >= 0"),
             "epochs": (self.epochs > 0, "must be > 0"),
             "warmup": (0 <= self.warmup < 1, "must be in [0, 1)"),
@@ -141,17 +146,26 @@ def parse_config(argv: list[str] | None = None) -> DistillConfig:
 
 # Keys of a DeepSpeed config that the distiller sets from its own flags (one place per idea).
 OWNED_DS_KEYS = {
-    "train_batch_size": "--micro-batch-size / --grad-accum", "train_micro_batch_size_per_gpu": "--micro-batch-size",
-    "gradient_accumulation_steps": "--grad-accum", "gradient_clipping": "--max-grad-norm",
+    "train_batch_size": "--global-batch-size", "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--global-batch-size / --micro-batch-size", "gradient_clipping": "--max-grad-norm",
     "optimizer": "--lr / --weight-decay", "scheduler": "--lr / --warmup",
 }
 
 
-def deepspeed_config(cfg: DistillConfig) -> dict[str, Any]:
+def grad_accum_steps(cfg: DistillConfig, world_size: int) -> int:
+    """Micro batches per optimizer step so that micro batch x steps x ranks = --global-batch-size."""
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+                         f"{cfg.micro_batch_size} x {world_size} rank(s) = {per_step}")
+    return cfg.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: DistillConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config file, checked, with batch size and clipping from `cfg`."""
     ds = read_deepspeed_config(cfg.deepspeed_config, OWNED_DS_KEYS, "minimoe-distill")
     return {**ds, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum, "gradient_clipping": cfg.max_grad_norm}
+            "gradient_accumulation_steps": grad_accum_steps(cfg, world_size), "gradient_clipping": cfg.max_grad_norm}
 
 
 def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
@@ -164,8 +178,13 @@ def student_config(cfg: DistillConfig, tokenizer):
     """The StudentConfig: preset or file, shape flags, the teacher's vocabulary, ep_size."""
     from pipeline.model import StudentConfig
 
-    shape = {"num_layers": cfg.layers, "hidden_size": cfg.hidden, "num_heads": cfg.heads, "num_experts": cfg.experts}
+    shape = {"num_layers": cfg.layers, "hidden_size": cfg.hidden, "num_heads": cfg.heads, "num_experts": cfg.experts,
+             "relation_projection": False if cfg.objective == "tinybert" else None}  # TinyBERT: the layer's own
+    if cfg.relation_projection is not None:
+        shape["relation_projection"] = cfg.relation_projection
     overrides = {k: v for k, v in shape.items() if v is not None}
+    if cfg.router_noise is not None:
+        overrides["router_noise"] = None if cfg.router_noise == "none" else cfg.router_noise
     overrides.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                      cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, ep_size=cfg.ep_size)
     if cfg.student_config is None:
@@ -173,6 +192,8 @@ def student_config(cfg: DistillConfig, tokenizer):
     values = StudentConfig.load(cfg.student_config).to_dict()
     if cfg.hidden is not None and cfg.hidden != values["hidden_size"]:
         values["intermediate_size"] = None  # back to 4 x the new hidden size
+    if cfg.experts is not None and "relation_projection" not in overrides:
+        values["relation_projection"] = None  # back to the default for the new expert count
     return StudentConfig.from_dict({**values, **overrides}, source=cfg.student_config)
 
 
@@ -209,8 +230,7 @@ class RouterStats:
             tokens = x.reshape(-1, x.size(-1))
             used = torch.ones(tokens.size(0), device=x.device) if used is None else used.float()
             with torch.no_grad():
-                weight = block.deepspeed_moe.gate.wg.weight.float()
-                log_p = F.log_softmax(F.linear(tokens.float(), weight), dim=-1)  # (B*T, E)
+                log_p = F.log_softmax(block.deepspeed_moe.gate.logits(tokens, noisy=False), dim=-1)  # (B*T, E)
                 entropy = -(log_p.exp() * log_p).sum(-1)
                 self.sums[layer, 0] += (entropy * used).sum()
                 self.sums[layer, 1] += used.sum()
@@ -229,7 +249,7 @@ def objective_loss(cfg: DistillConfig, student: torch.nn.Module, batch: dict[str
 
     mask = batch["attention_mask"]
     if cfg.objective == "minilm":
-        return minilm_relation_loss(out.qkv, teacher(**batch), mask, cfg.relation_heads, aux_loss=out.aux_loss)
+        return minilm_relation_loss(out.relation_qkv, teacher(**batch), mask, cfg.relation_heads, aux_loss=out.aux_loss)
     q, k, _, hidden = teacher(**batch, return_layer_input=True)  # (B, T, Ht) x4
     heads = teacher.num_heads  # == the student's (checked in `distill`)
     return tinybert_loss(attention_scores(out.qkv[0], out.qkv[1], heads), attention_scores(q, k, heads),
@@ -237,20 +257,21 @@ def objective_loss(cfg: DistillConfig, student: torch.nn.Module, batch: dict[str
 
 
 def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router: RouterStats) -> dict[str, torch.Tensor]:
-    """One optimizer step over grad_accum micro batches -> this step's sums over all ranks:
+    """One optimizer step over the engine's gradient accumulation micro batches -> this step's sums over all ranks:
     'lr', 'parts' (LOSS_PARTS[cfg.objective], means over micro batches and ranks), 'tokens', 'experts' (L, E)
     token counts or None for a dense student, 'router' (L, 2) entropy sums and tokens."""
     names = LOSS_PARTS[cfg.objective]
     lr = engine.get_lr()[0]  # the rate this step uses (the schedule moves on at the boundary)
     parts, counts = torch.zeros(len(names), device=engine.device), None
     tokens = torch.zeros((), device=engine.device)
-    for _ in range(cfg.grad_accum):
+    grad_accum = engine.gradient_accumulation_steps()
+    for _ in range(grad_accum):
         batch = {k: v.to(engine.device) for k, v in loader.next_batch().items()}
         out = engine(**batch)
         loss, logged = objective_loss(cfg, engine.module, batch, out, teacher)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary only
-        parts += torch.stack([logged[k].float() for k in names]) / cfg.grad_accum
+        parts += torch.stack([logged[k].float() for k in names]) / grad_accum
         tokens += batch["attention_mask"].sum()
         step_counts = torch.stack([c.float() for c in out.expert_counts]) if out.expert_counts else None
         counts = step_counts if counts is None else counts + step_counts
@@ -374,13 +395,17 @@ def seed_rank(seed: int, rank: int, step: int) -> None:
 def check_heads(cfg: DistillConfig, config, teacher) -> None:
     """MiniLMv2 splits both sides into --relation-heads; TinyBERT compares attention maps head by head."""
     if cfg.objective == "tinybert":
+        if config.relation_projection:
+            raise ValueError("--objective tinybert compares the student's own attention scores: "
+                             "--relation-projection does not apply (pass --no-relation-projection)")
         if config.num_heads != teacher.num_heads:
             raise ValueError(f"--objective tinybert compares attention scores head by head: the student's "
                              f"{config.num_heads} heads must equal the teacher's {teacher.num_heads} (set --heads)")
         return
     for name, size in (("teacher", teacher.hidden_size), ("student", config.hidden_size)):
         if size % cfg.relation_heads:
-            raise ValueError(f"--relation-heads {cfg.relation_heads} does not divide the {name} hidden size {size}")
+            raise ValueError(f"--relation-heads {cfg.relation_heads} does not divide the {name} hidden size {size} "
+                             f"(32 divides 384, 768 and 1024; MiniLMv2 uses 64 for large teachers)")
 
 
 def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, Any], student: dict[str, Any]) -> int:
@@ -414,7 +439,7 @@ def distill(cfg: DistillConfig) -> None:
     from pipeline.teacher import Teacher
     from data_prep.tokenizer import tokenizer_fingerprint
 
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # (set by the launcher) checked before any setup
     output = Path(cfg.output)
     root = output / "checkpoints"
     if not cfg.resume and checkpoint.latest_tag(root) is not None:
@@ -437,7 +462,7 @@ def distill(cfg: DistillConfig) -> None:
     if cfg.objective == "tinybert":  # the RNG goes on from build_student's seed: the same W_h on every rank
         student.add_module(PROJECTION, torch.nn.Linear(config.hidden_size, teacher.hidden_size))
     loader = ShardLoader(shards, cfg.micro_batch_size, rank, world, cfg.seed)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    global_batch = cfg.global_batch_size
     samples_per_epoch = len(shards) // (cfg.micro_batch_size * world) * cfg.micro_batch_size * world  # see ShardLoader
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * samples_per_epoch / global_batch)
     warmup_steps = round(cfg.warmup * total_steps)

@@ -23,6 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 STUDENT_MODEL_TYPE = "minimoe-student"
+ROUTER_NOISE = ("LogitJitter", "RSample", "Jitter", None)
+# Fields added after models were first saved, with the behaviour those models were trained with.
+LEGACY_FIELDS = {"router_bias": False, "expert_init": "independent",
+                 "relation_projection": False}
 # "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight" -> prefix, expert id, suffix
 EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
 
@@ -59,20 +63,38 @@ class StudentConfig:
     """Std of the normal initialisation of linear and embedding weights (BERT's value)."""
     num_experts: int = 1
     """Experts per FFN: 1 = dense MiniLM student, 4 = MiniMoE (the paper's default)."""
+    attention_experts: int = 1
+    """Attention experts per layer (the paper's "x,y" ablation, x here): each is a full set of Q/K/V/output
+    projections, routed top-1 per token like the FFN; 1 = dense attention (the paper's default "1,4")."""
     top_k: int = 1
     """Experts each token is routed to (the paper: top-1)."""
     capacity_factor: float = 1.0
     """Expert capacity = capacity_factor x tokens / experts; used only when drop_tokens is True."""
     drop_tokens: bool = False
     """Drop tokens above an expert's capacity (GShard style); False routes every token (the default)."""
-    router_noise: str | None = "RSample"
-    """Router noise during training: "RSample" (Gumbel noise on the routing logits), "Jitter"
-    (multiplicative input jitter) or None. Without noise a toy run collapsed a layer onto one expert."""
+    router_noise: str | None = "LogitJitter"
+    """Router noise during training: "LogitJitter" (uniform noise in [-router_jitter, router_jitter] added to
+    the routing logits, the authors' router), "RSample" (Gumbel noise: the choice becomes a sample of the
+    softmax), "Jitter" (DeepSpeed's multiplicative input jitter) or None."""
+    router_jitter: float = 0.1
+    """Half-width of the LogitJitter noise (the authors: the hidden dropout, 0.1)."""
+    router_bias: bool = True
+    """Routing Linear(H, E) with a bias (the authors') or without (DeepSpeed's TopKGate)."""
+    expert_init: str = "moefy"
+    """"moefy": the experts are cut from one random FFN of E x intermediate_size neurons, each sharing 2/3
+    of its neurons with every other expert (the authors' initialisation); "independent": each expert drawn
+    on its own."""
+    relation_projection: bool | None = None
+    """A self-attention Q/K/V projection (3 x Linear(H, H)) of the last hidden state that the relations are
+    distilled from, so that every layer's FFN gets distillation gradient (the authors' MiniMoE); None = on
+    for MoE students, off for dense ones (which use the last layer's own Q/K/V, as the authors' MiniLM).
+    Training-only: export drops it."""
     ep_size: int = 1
     """Expert-parallel degree (ranks sharing one layer's experts); experts must divide by it. A saved model
     always holds all experts, and loads with ep_size 1 unless told otherwise."""
     aux_loss_weight: float = 0.01
-    """Weight of the load-balancing loss (Switch/GShard l_aux) summed over MoE layers."""
+    """Weight of the load-balancing loss (Switch/GShard l_aux), averaged over MoE layers (the authors'; with
+    attention experts, the mean of the attention and the FFN averages)."""
     ffn_ranks: dict[str, int] | None = None
     """Low-rank FFN matrices (written by pipeline.compress): FFN Linear path (a key of
     `Student.ffn_linears()`, e.g. "layers.0.ffn.fc1") -> rank r; that Linear(in, out) becomes
@@ -81,6 +103,8 @@ class StudentConfig:
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.relation_projection is None:
+            self.relation_projection = self.is_moe
         problems = [message for ok, message in [
             (self.hidden_size % self.num_heads == 0,
              f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"),
@@ -88,21 +112,26 @@ class StudentConfig:
             (self.num_experts >= 1 and self.num_experts % max(self.ep_size, 1) == 0,
              f"num_experts {self.num_experts} must be >= 1 and a multiple of ep_size {self.ep_size}"),
             (1 <= self.top_k <= min(2, self.num_experts), f"top_k {self.top_k} must be 1 or 2 and <= num_experts"),
-            (self.router_noise in (None, "RSample", "Jitter"),
-             f"router_noise {self.router_noise!r} must be 'RSample', 'Jitter' or null"),
+            (self.router_noise in ROUTER_NOISE, f"router_noise {self.router_noise!r} must be one of {ROUTER_NOISE}"),
+            (self.expert_init in ("moefy", "independent"),
+             f"expert_init {self.expert_init!r} must be 'moefy' or 'independent'"),
+            (self.attention_experts >= 1, f"attention_experts {self.attention_experts} must be >= 1"),
         ] if not ok]
         if problems:
             raise ValueError("StudentConfig: " + "; ".join(problems))
 
     @property
     def is_moe(self) -> bool:
-        return self.num_experts > 1
+        return self.num_experts > 1 or self.attention_experts > 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": STUDENT_MODEL_TYPE, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "StudentConfig":
+        """From a dict; one that we wrote ("model_type" set) before a field existed gets the field's old value."""
+        if values.get("model_type") == STUDENT_MODEL_TYPE:
+            values = {**LEGACY_FIELDS, **values}
         values = {k: v for k, v in values.items() if k != "model_type"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -159,11 +188,14 @@ class StudentOutput:
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     """Q, K, V projections (B, T, H) each, before the head split, of layer `qkv_layer` (None if not asked)."""
     aux_loss: torch.Tensor
-    """Scalar: aux_loss_weight x sum of the MoE layers' load-balancing losses (0 for a dense student)."""
+    """Scalar: aux_loss_weight x the mean of the MoE layers' load-balancing losses (0 for a dense student)."""
     expert_counts: list[torch.Tensor] = field(default_factory=list)
-    """Per MoE layer, (E,) tokens routed to each expert on this process (real tokens, before any drop)."""
+    """Per MoE FFN layer, (E,) tokens routed to each expert on this process (real tokens, before any drop)."""
     qkv_layer_input: torch.Tensor | None = None
     """(B, T, H) hidden state entering layer `qkv_layer` (TinyBERT's hidden-state loss)."""
+    relation_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """The Q, K, V that MiniLMv2's relations are distilled from: the relation projection's of the last hidden
+    state when the config has one (the authors' MiniMoE), else `qkv` (the authors' MiniLM)."""
 
 
 class Embeddings(nn.Module):
@@ -181,23 +213,41 @@ class Embeddings(nn.Module):
         return self.dropout(self.layer_norm(x))
 
 
-class SelfAttention(nn.Module):
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, num_heads: int,
+           dropout: float) -> torch.Tensor:
+    """Multi-head scaled dot-product attention: q, k, v (B, T, H), key_mask (B, 1, 1, T) -> (B, T, H)."""
+    B, T, H = q.shape
+    heads = [t.view(B, T, num_heads, H // num_heads).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
+    y = F.scaled_dot_product_attention(*heads, attn_mask=key_mask, dropout_p=dropout)
+    return y.transpose(1, 2).reshape(B, T, H)
+
+
+class QKV(nn.Module):
+    """Q, K, V projections Linear(H, H) each, with bias."""
+
     def __init__(self, config: StudentConfig):
         super().__init__()
-        self.num_heads = config.num_heads
-        self.dropout = config.dropout
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.query(x), self.key(x), self.value(x)
+
+
+class SelfAttention(QKV):
+    def __init__(self, config: StudentConfig):
+        super().__init__(config)
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x (B, T, H), key_mask (B, 1, 1, T) bool, True = attend -> (B, T, H), (q, k, v) each (B, T, H)."""
-        B, T, H = x.shape
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        heads = [t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(*heads, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.output(y.transpose(1, 2).reshape(B, T, H)), (q, k, v)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
+        """x (B, T, H), key_mask (B, 1, 1, T) bool, True = attend -> (B, T, H), (q, k, v) each (B, T, H), None
+        (no routing)."""
+        q, k, v = self.project(x)
+        y = attend(q, k, v, key_mask, self.num_heads, self.dropout if self.training else 0.0)
+        return self.output(y), (q, k, v), None
 
 
 class LowRankLinear(nn.Module):
@@ -224,10 +274,72 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def router(config: StudentConfig, num_experts: int) -> nn.Module:
+    """The routing gate: DeepSpeed's TopKGate with the authors' biased Linear and logit jitter, so that it plugs
+    into DeepSpeed's MoE layer (capacity-padded dispatch, expert parallelism) and into the sorted dispatch."""
+    from deepspeed.moe.sharded_moe import TopKGate, multiplicative_jitter, top1gating, top2gating
+
+    class Router(TopKGate):
+        def __init__(self):
+            super().__init__(config.hidden_size, num_experts, k=config.top_k, capacity_factor=config.capacity_factor,
+                             eval_capacity_factor=config.capacity_factor, min_capacity=0,
+                             noisy_gate_policy=config.router_noise, drop_tokens=config.drop_tokens,
+                             use_rts=config.drop_tokens)
+            self.wg = nn.Linear(config.hidden_size, num_experts, bias=config.router_bias)
+            self.jitter = config.router_jitter
+
+        def logits(self, x: torch.Tensor, noisy: bool = True) -> torch.Tensor:
+            """(S, H) tokens -> (S, E) fp32 routing logits, with the training-time Jitter / LogitJitter noise
+            unless not `noisy`. (The authors add U[1 - eps, 1 + eps]; the constant 1 cancels in the softmax.)"""
+            noise = self.noisy_gate_policy if self.training and noisy else None
+            x = multiplicative_jitter(x.float(), device=x.device) if noise == "Jitter" else x.float()
+            bias = None if self.wg.bias is None else self.wg.bias.float()
+            logits = F.linear(x, self.wg.weight.float(), bias)
+            if noise == "LogitJitter":
+                logits = logits + torch.empty_like(logits).uniform_(-self.jitter, self.jitter)
+            return logits
+
+        def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Top-1: -> gate probabilities (S, E), chosen expert (S,); RSample picks argmax(logits + Gumbel)."""
+            from deepspeed.moe.sharded_moe import gumbel_rsample
+
+            probs = logits.softmax(-1)
+            if self.training and self.noisy_gate_policy == "RSample":
+                return probs, (logits + gumbel_rsample(logits.shape, device=logits.device)).argmax(-1)
+            return probs, probs.argmax(-1)
+
+        def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
+                    use_tutel: bool = False):
+            """DeepSpeed's TopKGate.forward on our logits (its noise policy is applied in `logits` / by top1gating)."""
+            capacity = self.capacity_factor if self.training else self.eval_capacity_factor
+            logits = self.logits(input)
+            if self.k == 1:
+                rsample = "RSample" if self.training and self.noisy_gate_policy == "RSample" else None
+                return top1gating(logits, capacity, self.min_capacity, used_token, rsample, self.drop_tokens,
+                                  self.use_rts, self.ep_group, sparse_routes, use_tutel)
+            return top2gating(logits, capacity, self.min_capacity, self.drop_tokens, self.ep_group,
+                              self.top2_2nd_expert_sampling, sparse_routes)
+
+    return Router()
+
+
+def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None):
+    """Top-1 routing of tokens x (S, H) as DeepSpeed's top1gating decides it, without capacity padding ->
+    chosen expert (S,), its gate value (S, 1), l_aux, tokens per expert (E,) (tokens with used_token 0 uncounted).
+    l_aux is the Switch/GShard balance loss as DeepSpeed computes it: E * sum_e mean_s(p_se) * routed_e / S."""
+    probs, choice = gate.choose(gate.logits(x))
+    num_experts = probs.size(1)
+    routed = F.one_hot(choice, num_experts)
+    if used_token is not None:
+        routed = routed * used_token[:, None]
+    counts = routed.sum(0)
+    l_aux = num_experts * (probs.mean(0) * counts.float() / x.size(0)).sum()
+    return choice, probs.gather(1, choice[:, None]), l_aux, counts
+
+
 def moe_feed_forward(config: StudentConfig, num_experts: int | None = None) -> nn.Module:
     """DeepSpeed's classic MoE block with `num_experts` copies of FeedForward (re-initialised by Student)."""
     from deepspeed.moe.layer import MoE  # imported here: importing deepspeed costs ~3 s
-    from deepspeed.moe.sharded_moe import gumbel_rsample, multiplicative_jitter
 
     class SortedDispatchMoE(MoE):
         """deepspeed.moe.layer.MoE whose local top-1, no-drop case dispatches by sorting tokens by expert.
@@ -243,31 +355,86 @@ def moe_feed_forward(config: StudentConfig, num_experts: int | None = None) -> n
             if self.ep_size > 1 or gate.drop_tokens or gate.k != 1:
                 return super().forward(hidden_states, used_token)
             x = hidden_states.reshape(-1, hidden_states.size(-1))  # (S, H)
-            noise = gate.noisy_gate_policy if self.training else None
-            gate_input = multiplicative_jitter(x.float(), device=x.device) if noise == "Jitter" else x.float()
-            logits = F.linear(gate_input, gate.wg.weight.float())  # (S, E)
-            probs = logits.softmax(-1)
-            choice = (logits + gumbel_rsample(logits.shape, device=x.device) if noise == "RSample" else probs).argmax(-1)
+            choice, gate_value, l_aux, counts = route_top1(gate, x, used_token)
             # Sort tokens by expert; padding (used_token 0) gets the extra id E and sorts last, unrouted.
             expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, self.num_experts)
-            sorted_experts, order = torch.sort(expert_of, stable=True)
-            sizes = torch.bincount(sorted_experts, minlength=self.num_experts + 1)  # (E + 1,)
-            counts = sizes[:self.num_experts]
-            *chunks, padding = x.index_select(0, order).split(sizes.tolist())
+            order = torch.sort(expert_of, stable=True)[1]
+            *chunks, padding = x.index_select(0, order).split(counts.tolist() + [x.size(0) - int(counts.sum())])
             experts = self.deepspeed_moe.experts.deepspeed_experts
             out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)] + [torch.zeros_like(padding)])
             # Back to token order, scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
-            y = torch.empty_like(out).index_copy_(0, order, out) * probs.gather(1, choice[:, None])
-            # Switch/GShard balance loss as DeepSpeed computes it: E * sum_e mean_s(p_se) * routed_e / S.
-            l_aux = self.num_experts * (probs.mean(0) * counts.float() / x.size(0)).sum()
+            y = torch.empty_like(out).index_copy_(0, order, out) * gate_value
             self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts = l_aux, counts
             return y.to(x.dtype).view_as(hidden_states), l_aux, counts
 
-    return SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts or config.num_experts,
-                             ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
-                             eval_capacity_factor=config.capacity_factor, min_capacity=0,
-                             noisy_gate_policy=config.router_noise, drop_tokens=config.drop_tokens,
-                             use_rts=config.drop_tokens)
+    num_experts = num_experts or config.num_experts
+    block = SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts,
+                              ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
+                              eval_capacity_factor=config.capacity_factor, min_capacity=0,
+                              drop_tokens=config.drop_tokens, use_rts=config.drop_tokens)
+    block.deepspeed_moe.gate = router(config, num_experts)
+    return block
+
+
+class ExpertAttention(nn.Module):
+    """`attention_experts` self-attentions routed top-1 per token (the authors' attention experts): a token's
+    Q, K, V and output projection are its expert's; attention itself runs over all tokens. Local to each rank
+    (not expert-parallel)."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.router = router(dataclasses.replace(config, drop_tokens=False, top_k=1), config.attention_experts)
+        self.experts = nn.ModuleList(SelfAttention(config) for _ in range(config.attention_experts))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
+        """As SelfAttention.forward, with the routing: -> (B, T, H), (q, k, v), (l_aux, counts)."""
+        flat = x.reshape(-1, x.size(-1))
+        choice, gate_value, l_aux, counts = route_top1(self.router, flat, used_tokens)
+        tokens = [(choice == e).nonzero().squeeze(1) for e in range(len(self.experts))]
+        q, k, v = (self._per_expert(flat, tokens, [getattr(e, name) for e in self.experts])
+                   for name in ("query", "key", "value"))
+        first = self.experts[0]
+        y = attend(*(t.view_as(x) for t in (q, k, v)), key_mask, first.num_heads, first.dropout if self.training else 0.0)
+        out = self._per_expert(y.reshape_as(flat), tokens, [e.output for e in self.experts]) * gate_value
+        return out.view_as(x), tuple(t.view_as(x) for t in (q, k, v)), (l_aux, counts)
+
+    @staticmethod
+    def _per_expert(x: torch.Tensor, tokens: list[torch.Tensor], linears: list[nn.Module]) -> torch.Tensor:
+        out = x.new_empty(x.size(0), linears[0].out_features)
+        for index, linear in zip(tokens, linears):
+            out.index_copy_(0, index, linear(x.index_select(0, index)))
+        return out
+
+
+def moefy_neurons(num_experts: int, expert_size: int) -> list[torch.Tensor]:
+    """The authors' `moefy` cut: which neurons of one wide layer of num_experts x expert_size neurons each
+    expert takes: the first 2/3 of expert_size (shared by all experts), then its own neurons, strided
+    (e, e + E, e + 2E, ... after the shared block)."""
+    shared = expert_size * 2 // 3
+    own = torch.arange(expert_size - shared)
+    return [torch.cat([torch.arange(shared), shared + e + num_experts * own]) for e in range(num_experts)]
+
+
+@torch.no_grad()
+def moefy_init(experts: list[tuple[list[nn.Linear], list[nn.Linear]]], unit: int, std: float) -> None:
+    """Initialise experts as slices of one wide random layer (normal(0, std), zero biases, as BERT's init).
+
+    experts: per expert, (the Linears whose output rows are its units, the Linears whose input columns are),
+    e.g. ([fc1], [fc2]) for an FFN expert or ([query, key, value], [output]) for an attention expert; unit:
+    the rows/columns of one unit (1 for an FFN neuron, the head size for an attention head)."""
+    first_in, first_out = experts[0]
+    units = first_in[0].out_features // unit
+    cuts = [(neurons[:, None] * unit + torch.arange(unit)).flatten() for neurons in moefy_neurons(len(experts), units)]
+    wide = len(experts) * units * unit
+    wide_in = [torch.randn(wide, linear.in_features) * std for linear in first_in]
+    wide_out = [torch.randn(linear.out_features, wide) * std for linear in first_out]
+    for (ins, outs), cut in zip(experts, cuts):
+        for linear, weight in zip(ins, wide_in):
+            linear.weight.copy_(weight[cut])
+        for linear, weight in zip(outs, wide_out):
+            linear.weight.copy_(weight[:, cut])
+        for linear in ins + outs:
+            nn.init.zeros_(linear.bias)
 
 
 class TransformerLayer(nn.Module):
@@ -275,22 +442,23 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, config: StudentConfig):
         super().__init__()
-        self.attention = SelfAttention(config)
+        self.attention = ExpertAttention(config) if config.attention_experts > 1 else SelfAttention(config)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = moe_feed_forward(config) if config.is_moe else FeedForward(config)
+        self.ffn = moe_feed_forward(config) if config.num_experts > 1 else FeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
-        """-> x (B, T, H), (q, k, v), aux loss (scalar), expert counts (E,) or None."""
-        attended, qkv = self.attention(x, key_mask)
+        """-> x (B, T, H), (q, k, v), attention routing and FFN routing: (aux loss, expert counts (E,)) or None."""
+        attended, qkv, attention_routing = self.attention(x, key_mask, used_tokens)
         x = self.attention_norm(x + self.dropout(attended))
         if isinstance(self.ffn, FeedForward):
-            y, aux, counts = self.ffn(x), x.new_zeros(()), None
+            y, ffn_routing = self.ffn(x), None
         else:
             # used_tokens (B*T,) keeps padding out of the routing, the counts and the expert compute.
             y, aux, counts = self.ffn(x, used_tokens)
-        return self.ffn_norm(x + self.dropout(y)), qkv, aux, counts
+            ffn_routing = (aux, counts)
+        return self.ffn_norm(x + self.dropout(y)), qkv, attention_routing, ffn_routing
 
 
 class PretrainedMixin:
@@ -411,9 +579,21 @@ class Student(PretrainedMixin, nn.Module):
                 param.__dict__.update({k: v for k, v in vars(linear.weight).items() if k in ("allreduce", "group_name")})
             parent, name = path.rsplit(".", 1)
             setattr(self.get_submodule(parent), name, low_rank)
-        # Re-initialise everything after construction: DeepSpeed deep-copies one expert E times, and
-        # identical experts would receive identical updates until the router separates them.
+        if config.relation_projection:
+            self.relation_projection = QKV(config)
+        # Re-initialise everything after construction: DeepSpeed deep-copies one expert E times.
         self.apply(self._init_weights)
+        if config.expert_init == "moefy" and config.ffn_ranks is None:
+            self._moefy_experts()
+
+    def _moefy_experts(self) -> None:
+        std = self.config.initializer_range
+        for layer in self.layers:
+            if isinstance(layer.attention, ExpertAttention):
+                moefy_init([([e.query, e.key, e.value], [e.output]) for e in layer.attention.experts],
+                           self.config.hidden_size // self.config.num_heads, std)
+            if not isinstance(layer.ffn, FeedForward):
+                moefy_init([([e.fc1], [e.fc2]) for e in layer.ffn.deepspeed_moe.experts.deepspeed_experts], 1, std)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -426,11 +606,13 @@ class Student(PretrainedMixin, nn.Module):
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        if getattr(module, "wg", None) is not None and self.config.router_bias:  # the authors' router keeps
+            module.wg.reset_parameters()  # PyTorch's default Linear init
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, qkv_layer: int | None = -1) -> StudentOutput:
         """input_ids (B, T); attention_mask (B, T), 1 = real token; qkv_layer: layer index (negative counts
-        from the end) whose Q/K/V to return, None for none."""
+        from the end) whose Q/K/V to return, None for none (and no relation Q/K/V either)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -439,17 +621,23 @@ class Student(PretrainedMixin, nn.Module):
         key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         used_tokens = attention_mask.reshape(-1).long()  # (B*T,); int: the gate counts with it
         x = self.embeddings(input_ids, token_type_ids)
-        qkv, layer_input, aux_loss, counts = None, None, x.new_zeros((), dtype=torch.float32), []
+        qkv, layer_input, attention_aux, ffn_aux, counts = None, None, [], [], []
         for index, layer in enumerate(self.layers):
             if index == wanted:
                 layer_input = x
-            x, layer_qkv, aux, layer_counts = layer(x, key_mask, used_tokens)
-            aux_loss = aux_loss + aux.float()
-            if layer_counts is not None:
-                counts.append(layer_counts)
+            x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens)
+            if attention_routing is not None:
+                attention_aux.append(attention_routing[0])
+            if ffn_routing is not None:
+                ffn_aux.append(ffn_routing[0])
+                counts.append(ffn_routing[1])
             if index == wanted:
                 qkv = layer_qkv
-        return StudentOutput(x, qkv, self.config.aux_loss_weight * aux_loss, counts, layer_input)
+        relation_qkv = self.relation_projection.project(x) if self.config.relation_projection and wanted is not None else qkv
+        # The authors' balance loss: the mean over MoE layers (of attention and FFN experts, then of the two).
+        means = [torch.stack(aux).float().mean() for aux in (attention_aux, ffn_aux) if aux]
+        aux_loss = torch.stack(means).mean() if means else x.new_zeros((), dtype=torch.float32)
+        return StudentOutput(x, qkv, self.config.aux_loss_weight * aux_loss, counts, layer_input, relation_qkv)
 
     def ffn_linears(self) -> dict[str, nn.Module]:
         """Every FFN matrix by its module path (dense fc1/fc2, or each expert's fc1/fc2; global expert ids

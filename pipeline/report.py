@@ -31,10 +31,13 @@ class ComputeReport:
     model: str
     """What was measured: a preset name or a path."""
     total_params: int
+    """Every parameter, the training-only relation projection included (the paper's count: MiniMoE 3L;384H 28.3 M)."""
+    deployable_params: int
+    """total_params without training-only parts (what minimoe-export writes)."""
     embedding_params: int
     """Token, position, segment embeddings and their LayerNorm."""
     layer_params: int
-    """All transformer-layer parameters (every expert)."""
+    """All transformer-layer parameters (every expert; the relation projection too, as the paper's 16.4 M)."""
     active_layer_params: int
     """Transformer-layer parameters one token passes through (router + top-k experts of a MoE layer)."""
     gflops: float
@@ -51,8 +54,8 @@ def build_model(spec: str, num_experts: int | None = None, device: str = "meta")
     with torch.device(device):
         if spec in STUDENT_PRESETS or path.suffix == ".json":
             config = StudentConfig.from_preset(spec) if spec in STUDENT_PRESETS else StudentConfig.load(path)
-            if num_experts is not None:
-                config = dataclasses.replace(config, num_experts=num_experts)
+            if num_experts is not None:  # the relation projection follows the new expert count
+                config = dataclasses.replace(config, num_experts=num_experts, relation_projection=None)
             return Student(config)
         if is_student_dir(path):
             return Student.from_pretrained(path) if device != "meta" else Student(StudentConfig.load(path))
@@ -70,7 +73,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """Split the parameters into embeddings / transformer layers / the rest (e.g. a pooler)."""
     top_k = model.config.top_k if isinstance(model, Student) else 1
     num_experts = model.config.num_experts if isinstance(model, Student) else 1
-    counts = {"total": 0, "embedding": 0, "layer": 0, "expert": 0}
+    attention_experts = model.config.attention_experts if isinstance(model, Student) else 1
+    counts = {"total": 0, "embedding": 0, "layer": 0, "expert": 0, "attention_expert": 0, "training_only": 0}
     for name, param in model.named_parameters():
         counts["total"] += param.numel()
         if name.startswith("embeddings."):
@@ -79,8 +83,15 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             counts["layer"] += param.numel()
             if ".deepspeed_experts." in name:
                 counts["expert"] += param.numel()
-    # A token passes through top_k of the num_experts experts of each MoE layer.
-    counts["active_layer"] = counts["layer"] - counts["expert"] + counts["expert"] * top_k // num_experts
+            elif ".attention.experts." in name:
+                counts["attention_expert"] += param.numel()
+        elif name.startswith("relation_projection."):  # distillation-time only; the paper counts it in both
+            counts["layer"] += param.numel()
+            counts["training_only"] += param.numel()
+    # A token passes through top_k of the num_experts experts of each MoE layer (and one attention expert);
+    # the relation projection is not part of the deployed model's compute.
+    counts["active_layer"] = (counts["layer"] - counts["expert"] - counts["attention_expert"] - counts["training_only"]
+                              + counts["expert"] * top_k // num_experts + counts["attention_expert"] // attention_experts)
     return counts
 
 
@@ -115,17 +126,19 @@ def compute_report(spec: str, num_experts: int | None = None, throughput: bool =
             tokens_per_ms = measure_throughput(build_model(spec, num_experts, device=device), batch_size, seq_len)
     experts = getattr(getattr(model, "config", None), "num_experts", 1)
     return ComputeReport(spec if experts == 1 else f"{spec} ({experts} experts)", counts["total"],
-                         counts["embedding"], counts["layer"], counts["active_layer"],
+                         counts["total"] - counts["training_only"], counts["embedding"], counts["layer"],
+                         counts["active_layer"],
                          counts["active_layer"] * TOKENS_PER_SEQUENCE / 1e9, tokens_per_ms,
                          f"{batch_size}x{seq_len}", device)
 
 
 def format_table(reports: list[ComputeReport]) -> str:
-    lines = ["| model | params (M) | embedding (M) | layers (M) | active/token (M) | GFLOPs | tokens/ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | params (M) | deployable (M) | embedding (M) | layers (M) | active/token (M) | GFLOPs | tokens/ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         speed = "-" if r.tokens_per_ms is None else f"{r.tokens_per_ms:.1f}"
-        lines.append(f"| {r.model} | {r.total_params / 1e6:.1f} | {r.embedding_params / 1e6:.1f} | "
+        lines.append(f"| {r.model} | {r.total_params / 1e6:.1f} | {r.deployable_params / 1e6:.2f} | "
+                     f"{r.embedding_params / 1e6:.1f} | "
                      f"{r.layer_params / 1e6:.1f} | {r.active_layer_params / 1e6:.2f} | {r.gflops:.2f} | {speed} |")
     return "\n".join(lines)
 

@@ -73,7 +73,7 @@ def test_every_field_has_help(capsys):
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_deepspeed_configs(path):
-    cfg = DistillConfig(teacher="t", shards="s", deepspeed_config=str(path), micro_batch_size=3, grad_accum=2)
+    cfg = DistillConfig(teacher="t", shards="s", deepspeed_config=str(path), micro_batch_size=3, global_batch_size=6)
     raw = json.loads(path.read_text())
     assert raw["zero_optimization"]["stage"] in (0, 1, 2)
     if raw.get("fp16", {}).get("enabled"):
@@ -81,11 +81,27 @@ def test_shipped_deepspeed_configs(path):
 
         if not get_accelerator().is_fp16_supported():
             with pytest.raises(ValueError, match="fp16 is not supported on the cpu accelerator"):
-                distill.deepspeed_config(cfg)
+                distill.deepspeed_config(cfg, 1)
             return
-    ds = distill.deepspeed_config(cfg)
+    ds = distill.deepspeed_config(cfg, 1)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (3, 2, 5.0)
     assert distill.compute_dtype(ds) == (torch.bfloat16 if "bf16" in path.name else torch.float32)
+
+
+@pytest.mark.parametrize("global_batch, micro, world, accum", [
+    (1024, 32, 1, 32), (1024, 32, 8, 4), (1024, 128, 8, 1), (96, 16, 2, 3)])
+def test_global_batch_sets_gradient_accumulation(global_batch, micro, world, accum):
+    cfg = DistillConfig(teacher="t", shards="s", global_batch_size=global_batch, micro_batch_size=micro)
+    assert distill.grad_accum_steps(cfg, world) == accum
+    assert DistillConfig(teacher="t", shards="s").global_batch_size == 1024  # the paper's, on any number of ranks
+
+
+@pytest.mark.parametrize("global_batch, micro, world", [(1024, 48, 1), (1024, 32, 3), (16, 32, 1)])
+def test_global_batch_that_does_not_divide_is_refused(global_batch, micro, world):
+    cfg = DistillConfig(teacher="t", shards="s", global_batch_size=global_batch, micro_batch_size=micro)
+    with pytest.raises(ValueError, match=rf"--global-batch-size {global_batch} is not a multiple of "
+                                         rf"--micro-batch-size {micro} x {world} rank\(s\) = {micro * world}"):
+        distill.grad_accum_steps(cfg, world)
 
 
 def test_zero3_and_owned_keys_are_refused_with_exit_2(tmp_path, capsys):
@@ -142,6 +158,7 @@ def test_router_entropy_of_a_uniform_router_is_log_experts():
     model = tiny_moe().eval()
     for layer in model.layers:
         torch.nn.init.zeros_(layer.ffn.deepspeed_moe.gate.wg.weight)  # equal logits: entropy log(4)
+        torch.nn.init.zeros_(layer.ffn.deepspeed_moe.gate.wg.bias)
     stats = distill.RouterStats(model, torch.device("cpu"))
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     model(torch.randint(1, 100, (2, 4)), mask)
@@ -207,11 +224,11 @@ def test_engine_steps_like_a_plain_torch_loop(stage, deepspeed_rank0):
         ids = torch.randint(0, 100, (4, 8), generator=generator)
         torch.manual_seed(step)  # the same router noise in both models
         out = engine(ids)
-        engine.backward(out.last_hidden_state.pow(2).mean() + out.aux_loss)
+        engine.backward(sum(t.pow(2).mean() for t in out.relation_qkv) + out.aux_loss)
         engine.step()
         torch.manual_seed(step)
         out = reference(ids)
-        (out.last_hidden_state.pow(2).mean() + out.aux_loss).backward()
+        (sum(t.pow(2).mean() for t in out.relation_qkv) + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         for group in optimizer.param_groups:
             group["lr"] = rates[step]
@@ -263,11 +280,13 @@ def test_unknown_objective_and_tinybert_head_mismatch_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--objective must be one of minilm, tinybert \(got 'TinyBERT'\)"):
         parse_config(["--config", str(file), *REQUIRED])
     teacher = SimpleNamespace(num_heads=12, hidden_size=384)
-    student = SimpleNamespace(num_heads=4, hidden_size=64)
+    student = SimpleNamespace(num_heads=4, hidden_size=64, relation_projection=False)
     cfg = DistillConfig(teacher="t", shards="s", objective="tinybert")
     with pytest.raises(ValueError, match="the student's 4 heads must equal the teacher's 12 \\(set --heads\\)"):
         distill.check_heads(cfg, student, teacher)
     distill.check_heads(dataclasses.replace(cfg, objective="minilm", relation_heads=4), student, teacher)  # R divides both
+    with pytest.raises(ValueError, match="--relation-projection does not apply"):
+        distill.check_heads(cfg, SimpleNamespace(num_heads=12, hidden_size=64, relation_projection=True), teacher)
 
 
 def single_rank_env(monkeypatch) -> None:
@@ -320,7 +339,7 @@ def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_wi
     # A tiny MiniMoE student with the teacher's 12 heads (TinyBERT compares attention maps head by head).
     common = ["--teacher", str(teacher_dir), "--shards", str(tmp_path / "shards"), "--objective", "tinybert",
               "--layers", "1", "--hidden", "48", "--heads", "12", "--experts", "2", "--micro-batch-size", "4",
-              "--max-steps", "2", "--warmup", "0", "--lr", "1e-2", "--log-every", "1", "--save-every", "1",
+              "--global-batch-size", "4", "--max-steps", "2", "--warmup", "0", "--lr", "1e-2", "--log-every", "1", "--save-every", "1",
               "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json")]
     full = tmp_path / "full"
     assert run_in_process(monkeypatch, [*common, "--output", str(full)]) == 0, capsys.readouterr().err
@@ -371,3 +390,30 @@ def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_wi
     assert set(exported) == set(student.state_dict())
     torch.testing.assert_close(student.state_dict()["layers.0.attention.query.weight"],
                                steps[2]["layers.0.attention.query.weight"])
+
+
+@pytest.mark.parametrize("relation_heads", [32, 64])
+def test_a_1024_wide_teacher_distils_with_32_or_64_relation_heads(tmp_path, relation_heads):
+    """BERT-large width (1024, 16 heads) as a tiny random one-layer BertModel: the relation loss works with the
+    authors' 32 relation heads and MiniLMv2's 64 for large teachers; 48 (1024 / 48 is not whole) is refused."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.model import Student, StudentConfig
+    from pipeline.objectives import minilm_relation_loss
+    from pipeline.teacher import Teacher
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=100, hidden_size=1024, num_hidden_layers=1, num_attention_heads=16,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    teacher = Teacher.from_pretrained(tmp_path)
+    student = Student(StudentConfig(num_layers=1, hidden_size=384, num_heads=12, vocab_size=100, num_experts=4))
+    cfg = DistillConfig(teacher="t", shards="s", relation_heads=relation_heads)
+    distill.check_heads(cfg, student.config, teacher)
+    ids = torch.randint(1, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    qkv = teacher(ids, mask)
+    assert [t.shape for t in qkv] == [(2, 10, 1024)] * 3
+    loss, _ = minilm_relation_loss(student(ids, mask).relation_qkv, qkv, mask, relation_heads)
+    assert torch.isfinite(loss) and loss > 0
+    with pytest.raises(ValueError, match="--relation-heads 48 does not divide the teacher hidden size 1024"):
+        distill.check_heads(dataclasses.replace(cfg, relation_heads=48), student.config, teacher)

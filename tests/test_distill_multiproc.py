@@ -19,7 +19,7 @@ from launcher import free_port, launch, run_group
 REPO = Path(__file__).resolve().parents[1]
 # 4 relation heads: with the default 32 a 64-wide student has 2 dimensions per relation head and learns slowly.
 TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--experts", "4", "--micro-batch-size", "8",
-        "--relation-heads", "4"]
+        "--global-batch-size", "16", "--relation-heads", "4"]
 
 pytestmark = pytest.mark.multiproc
 
@@ -138,7 +138,7 @@ def test_real_run_relation_loss_halves_and_no_expert_collapses(wiki_shards, teac
     out = tmp_path / "run"
     run = launch("distill", ["--teacher", str(teacher_dir), "--shards", str(wiki_shards), "--output", str(out),
                   "--student", "4L192H", "--experts", "4", "--ep-size", "2", "--relation-heads", "12",
-                  "--micro-batch-size", "16", "--max-steps", "300", "--lr", "1e-3", "--warmup", "0.05",
+                  "--micro-batch-size", "16", "--global-batch-size", "32", "--max-steps", "300", "--lr", "1e-3", "--warmup", "0.05",
                   "--log-every", "10", "--save-every", "300", "--collapse-window", "50"], timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -153,7 +153,7 @@ def test_real_run_relation_loss_halves_and_no_expert_collapses(wiki_shards, teac
 def test_one_process_exact_resume_and_resume_onto_another_layout(wiki_shards, teacher_dir, tmp_path):
     common = ["--teacher", str(teacher_dir), "--shards", str(wiki_shards), "--layers", "2", "--hidden", "64",
               "--heads", "4", "--experts", "4", "--relation-heads", "4", "--micro-batch-size", "8",
-              "--max-steps", "10", "--lr", "5e-3", "--log-every", "1", "--save-every", "5", "--seed", "3"]
+              "--global-batch-size", "16", "--max-steps", "10", "--lr", "5e-3", "--log-every", "1", "--save-every", "5", "--seed", "3"]
     full = tmp_path / "full"
     assert launch("distill", [*common, "--output", str(full)], procs=1).returncode == 0
     resumed = tmp_path / "resumed"
