@@ -50,7 +50,7 @@ class EngineRun:
     def __init__(self, cfg: distill.DistillConfig, teacher, shards: ShardDataset):
         self.cfg, self.teacher = cfg, teacher
         student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed)
-        self.engine = build_engine(student, distill.deepspeed_config(cfg), cfg.lr, cfg.weight_decay, 0, 10**6, eps=1e-6)
+        self.engine = build_engine(student, distill.deepspeed_config(cfg, 1), cfg.lr, cfg.weight_decay, 0, 10**6, eps=1e-6)
         self.router = distill.RouterStats(self.engine.module, self.engine.device)
         self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
 
@@ -113,7 +113,8 @@ def in_process(args) -> dict[str, dict[str, float]]:
     runs = {}
     for name, experts in (("MiniLM 3L;384H", 1), ("MiniMoE 3L;384H", 4)):
         cfg = distill.DistillConfig(teacher=args.teacher, shards=args.shards, student="3L384H", experts=experts,
-                                    micro_batch_size=args.micro_batch_size, max_steps=1,
+                                    micro_batch_size=args.micro_batch_size,
+                                    global_batch_size=args.micro_batch_size, max_steps=1,
                                     deepspeed_config=args.deepspeed_config)
         runs[f"{name} engine"] = EngineRun(cfg, teacher, shards)
         runs[f"{name} plain"] = PlainRun(cfg, teacher, shards)
@@ -134,7 +135,8 @@ def launched(args, procs: int, ep_size: int) -> float:
         steps = args.warmup_steps + args.steps * args.rounds
         cmd = ["bash", str(REPO / "launch.sh"), "distill", "--num-procs", str(procs), "--master-port", str(free_port()),
                "--teacher", args.teacher, "--shards", args.shards, "--student", "3L384H", "--experts", "4",
-               "--ep-size", str(ep_size), "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(steps),
+               "--ep-size", str(ep_size), "--micro-batch-size", str(args.micro_batch_size),
+               "--global-batch-size", str(args.micro_batch_size * procs), "--max-steps", str(steps),
                "--log-every", "1", "--save-every", str(10**9), "--output", out]
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.DEVNULL)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
