@@ -96,8 +96,11 @@ def resume(engine, root: Path, layout: dict[str, Any], student: dict[str, Any]) 
     if tag is None:
         raise FileNotFoundError(f"{Path(root) / LATEST}: no such file; nothing to resume (run without --resume)")
     state = read_trainer_state(Path(root) / tag)
-    if {**state["student"], "ep_size": 0} != {**student, "ep_size": 0}:
-        raise ValueError(f"{Path(root) / tag}: the checkpoint's student {state['student']} differs from this run's {student}")
+    saved = state["student"]  # (a field newer than the checkpoint shows as None -> its value)
+    changed = [f"{k} {saved.get(k)!r} -> {student.get(k)!r}" for k in sorted(saved.keys() | student.keys())
+               if k != "ep_size" and saved.get(k) != student.get(k)]
+    if changed:
+        raise ValueError(f"{Path(root) / tag}: this run's student differs from the checkpoint's: {'; '.join(changed)}")
     exact = state["layout"] == layout
     engine.load_checkpoint(str(root), tag=tag, load_module_only=not exact)
     if exact:

@@ -259,7 +259,8 @@ def test_checkpoints_keep_newest_and_resume_restores_rng(tmp_path, deepspeed_ran
     # Another layout: weights only. Another student: refused before DeepSpeed reads anything.
     state, exact = checkpoint.resume(engine, tmp_path, {"world_size": 2, "ep_size": 2}, {**student, "ep_size": 2})
     assert not exact and engine.loads[-1] == ("step-00000005", True)
-    with pytest.raises(ValueError, match="step-00000005: the checkpoint's student .* differs from this run's"):
+    with pytest.raises(ValueError, match="step-00000005: this run's student differs from the checkpoint's: "
+                                         "num_layers 2 -> 3$"):
         checkpoint.resume(engine, tmp_path, layout, {"num_layers": 3, "ep_size": 1})
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         checkpoint.resume(engine, tmp_path / "empty", layout, student)
