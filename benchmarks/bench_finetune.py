@@ -1,4 +1,4 @@
-"""Finetune step benchmark: the DeepSpeed engine step of pipeline.finetune (pipeline.optim.build_engine:
+"""Finetune step benchmark: the DeepSpeed engine step of pipeline.finetune.run (pipeline.optim.build_engine:
 fused AdamW, clipping, no all-reduce on one ZeRO-0 rank) vs plain PyTorch steps with torch's default
 AdamW (the baseline) and with fused AdamW (same model, same real SST-2 batch), at 1 and 2 OpenMP threads.
 
@@ -19,8 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.tokenizer import load_tokenizer, packaged_teacher_dir  # noqa: E402
-from pipeline.finetune import collate, deepspeed_config, encode, init_single_process, task_loss  # noqa: E402
+from pipeline.finetune.config import FinetuneConfig, deepspeed_config  # noqa: E402
+from pipeline.finetune.data import collate, encode  # noqa: E402
+from pipeline.finetune.run import init_single_process  # noqa: E402
 from pipeline.model import StudentConfig, StudentForSequenceClassification  # noqa: E402
+from pipeline.objectives import task_loss  # noqa: E402
 from pipeline.optim import build_engine  # noqa: E402
 from pipeline.tasks import get_task, read_split  # noqa: E402
 
@@ -48,17 +51,17 @@ def main() -> None:
     fused_adamw = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     init_single_process()
     deepspeed.init_distributed(dist_backend="gloo")
-    engine = build_engine(model, deepspeed_config(None, args.batch_size), 1e-5, 0.01, 1, 10**6)
+    engine = build_engine(model, deepspeed_config(None, args.batch_size, FinetuneConfig.max_grad_norm), 1e-5, 0.01, 1, 10**6)
 
     def plain_step(optimizer):
         out = model(**batch)
-        (task_loss(task, out.logits, labels) + out.aux_loss).backward()
+        (task_loss(out.logits, labels) + out.aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad()
 
     def engine_step():
         out = engine(**batch)
-        engine.backward(task_loss(task, out.logits, labels) + out.aux_loss)
+        engine.backward(task_loss(out.logits, labels) + out.aux_loss)
         engine.step()
 
     steps = {"plain PyTorch step, default AdamW": lambda: plain_step(default_adamw),

@@ -6,6 +6,8 @@
   through a learned projection.
 - logit_kd_loss: temperature-scaled logit KD (Hinton et al. 2015) with an optional hard-label term,
   for task-specific distillation (the paper's "w/ KD" rows).
+- task_loss: the finetuning loss on labels (cross-entropy, or MSE for regression), the hard-label term
+  of logit_kd_loss; the one definition that finetuning and the task heads use.
 The student's MoE aux loss (already weighted by StudentConfig.aux_loss_weight) is added when given.
 All arithmetic is fp32: bf16/fp16 inputs are upcast before any product, softmax or exp.
 """
@@ -104,7 +106,17 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     parts = {"soft": soft.detach()}
     loss = soft
     if labels is not None:
-        hard = F.mse_loss(s.squeeze(-1), labels.float()) if s.size(-1) == 1 else F.cross_entropy(s, labels)
+        hard = task_loss(s, labels)
         parts["hard"] = hard.detach()
         loss = alpha * soft + (1 - alpha) * hard
     return _with_aux(loss, parts, aux_loss)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MSE for regression (logits (N, 1), float labels (N,)); otherwise cross-entropy over the last dim, for
+    sequence logits (N, C) with labels (N,) and token logits (B, T, C) with labels (B, T) alike. Labels
+    -100 (padding, non-first sub-tokens) count for nothing."""
+    logits = logits.float()
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)

@@ -1,4 +1,5 @@
-"""Finetune stage: encoding, losses, the results table and GLUE score, CLI errors, and real finetunes."""
+"""Finetune stage: encoding, losses, the results table and GLUE score, CLI errors, the selection protocol
+(dev every N steps, the best evaluation kept, patience, grid and clipping defaults), and real finetunes."""
 import json
 import os
 import re
@@ -9,11 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from launcher import launch
+from launcher import free_port, launch
 
+from data_prep.config_cli import config_from_args
 from data_prep.tokenizer import load_tokenizer
-from pipeline.finetune import collate, deepspeed_config, encode, glue_score, kd_loss, main, results_table, task_loss
+from pipeline.finetune import main
+from pipeline.finetune import run as finetune_run
+from pipeline.finetune.cli import build_parser
+from pipeline.finetune.config import FinetuneConfig, deepspeed_config
+from pipeline.finetune.data import collate, encode
+from pipeline.finetune.run import kd_loss
+from pipeline.finetune.scoring import evaluate
+from pipeline.finetune.suite import glue_score, results_table
 from pipeline.model import Student, StudentConfig, StudentForSequenceClassification
+from pipeline.objectives import task_loss
 from pipeline.tasks import Example, TaggedSentence, get_task, read_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,14 +82,14 @@ def test_losses():
     assert kd_loss(rte, student, teacher, labels, alpha=1.0, temperature=2.0).item() == pytest.approx(soft.item(), rel=1e-5)
     scores = torch.tensor([0.5, 4.0, 2.5, 1.0])
     prediction, teacher_prediction = torch.randn(4, 1), torch.randn(4, 1)
-    assert task_loss(stsb, prediction, scores).item() == pytest.approx(((prediction.squeeze(-1) - scores) ** 2).mean().item())
+    assert task_loss(prediction, scores).item() == pytest.approx(((prediction.squeeze(-1) - scores) ** 2).mean().item())
     assert kd_loss(stsb, prediction, teacher_prediction, scores, 1.0, 1.0).item() == pytest.approx(
         ((prediction - teacher_prediction) ** 2).mean().item())
     # token tasks: positions labelled -100 (padding, non-first sub-tokens) do not count
     logits, tags = torch.randn(2, 3, 9), torch.tensor([[1, -100, 0], [2, 0, -100]])
     changed = logits.clone()
     changed[tags == -100] += 5.0
-    for loss in (lambda x: task_loss(conll, x, tags), lambda x: kd_loss(conll, x, logits, tags, 0.5, 1.0)):
+    for loss in (lambda x: task_loss(x, tags), lambda x: kd_loss(conll, x, logits, tags, 0.5, 1.0)):
         assert loss(changed).item() == pytest.approx(loss(logits).item(), rel=1e-6)
 
 
@@ -157,12 +167,12 @@ def test_two_process_finetune_through_the_launcher(tmp_path, tiny_moe_dir):
     assert saved_model_sst2_accuracy(tmp_path / "tiny" / "sst2" / "model") == pytest.approx(results["metrics"]["sst2"]["acc"])
 
 
-def saved_model_sst2_accuracy(model_dir: Path) -> float:
+def saved_model_sst2_accuracy(model_dir: Path, dev_file: Path = SST2_SLICE / "dev.tsv") -> float:
     """Dev accuracy (%) of a saved SST-2 model, scored here in one plain process."""
     task = get_task("sst2")
     model = StudentForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = load_tokenizer(str(model_dir))
-    batch = collate(encode(task, read_split(task, SST2_SLICE / "dev.tsv"), tokenizer, 64), tokenizer.pad_token_id)
+    batch = collate(encode(task, read_split(task, dev_file), tokenizer, 64), tokenizer.pad_token_id)
     labels = batch.pop("labels")
     with torch.no_grad():
         return 100 * (model(**batch).logits.argmax(-1) == labels).float().mean().item()
@@ -229,8 +239,8 @@ def test_conll_finetune_scores_words_as_seqeval(tmp_path, shared_data, tiny_moe_
 
 
 def test_flags_config_file_and_help_texts(tmp_path):
-    from data_prep.config_cli import config_from_args, field_docs
-    from pipeline.finetune import GRID_BATCH_SIZE, GRID_LR, FinetuneConfig, build_parser
+    from data_prep.config_cli import field_docs
+    from pipeline.finetune.config import GRID_BATCH_SIZE, GRID_LR
     from pipeline.tasks import TASKS
 
     recipe = tmp_path / "recipe.json"
@@ -255,10 +265,103 @@ def test_deepspeed_config_refuses_owned_keys_and_zero3(tmp_path):
     owned = tmp_path / "owned.json"
     owned.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ValueError, match=r"'optimizer' is set by minimoe-finetune \(--lr / --weight-decay\)"):
-        deepspeed_config(str(owned), batch_size=8)
+        deepspeed_config(str(owned), batch_size=8, max_grad_norm=5.0)
+    owned.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(ValueError, match=r"'gradient_clipping' is set by minimoe-finetune \(--max-grad-norm\)"):
+        deepspeed_config(str(owned), batch_size=8, max_grad_norm=5.0)
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
-        deepspeed_config(str(zero3), batch_size=8)
-    shipped = deepspeed_config(str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"), batch_size=8)
+        deepspeed_config(str(zero3), batch_size=8, max_grad_norm=5.0)
+    shipped = deepspeed_config(str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"), batch_size=8, max_grad_norm=5.0)
     assert shipped["zero_optimization"]["stage"] == 2 and shipped["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_grid_and_clipping_defaults_are_the_authors():
+    """The authors' finetuning scripts: lr 3e-5 with batch 16 (StarK RTE, MiniDisc MRPC), lr 2e-5 with batch 32
+    (MiniDisc QQP and CoNLL), clipping 5 in all of them."""
+    args = build_parser(False).parse_args(["--model", "M", "--task", "rte", "--data-dir", "D", "--output", "O", "--grid"])
+    config = config_from_args(FinetuneConfig, args)
+    assert (config.lr, config.batch_size, config.max_grad_norm) == ([2e-5, 3e-5], [16, 32], 5.0)
+    assert deepspeed_config(None, 16, config.max_grad_norm)["gradient_clipping"] == 5.0
+    with pytest.raises(ValueError, match="need eval_every >= 0, patience >= 0"):
+        FinetuneConfig("M", "rte", "D", "O", patience=-1)
+
+
+@pytest.fixture(scope="module")
+def drifting_sst2(tmp_path_factory, tokenizer) -> Path:
+    """An SST-2-format task whose dev accuracy rises, then falls. The rule "good W" -> 1, "bad W" -> 0 is
+    learnt first (400 train sentences); the 20 dev sentences follow it too, but train also holds each of
+    them twice with the opposite label, and memorising those exceptions later drives dev accuracy down."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    words = [word for word, index in vocabulary if index > 2000 and word.isalpha() and len(word) >= 4]
+    fillers, dev_words = words[:400], words[1000:1020]
+    rule = [(f"good {w}", 1) for w in fillers[:200]] + [(f"bad {w}", 0) for w in fillers[200:]]
+    dev = [(f"good {w}", 1) for w in dev_words[:10]] + [(f"bad {w}", 0) for w in dev_words[10:]]
+    folder = tmp_path_factory.mktemp("drifting_sst2")
+    for name, rows in (("train.tsv", rule + [(s, 1 - label) for s, label in dev] * 2), ("dev.tsv", dev)):
+        (folder / name).write_text("sentence\tlabel\n" + "".join(f"{s}\t{label}\n" for s, label in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """main() runs in this process as rank 0 of one gloo group, kept for the module: DeepSpeed's MoE layers
+    remember their expert groups from one engine to the next. One thread, as run_cli's processes."""
+    import torch.distributed as dist
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())}.items():
+            env.setenv(key, value)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    torch.set_num_threads(threads)
+
+
+def drifting_run(model_dir: Path, data_dir: Path, output: Path, *flags: str) -> dict:
+    """minimoe-finetune (in this process) of `model_dir` on `data_dir` at lr 2e-3, batch 16; its results.json."""
+    assert main(["--model", str(model_dir), "--task", "sst2", "--data-dir", str(data_dir), "--output", str(output),
+                 "--lr", "2e-3", "--batch-size", "16", "--max-seq-length", "16", *flags]) == 0
+    return json.loads((output / "results.json").read_text())
+
+
+def test_dev_scored_every_n_steps_and_the_best_evaluation_kept(tmp_path, tiny_moe_dir, drifting_sst2,
+                                                              one_process_group, monkeypatch):
+    engines = []
+    build_engine = finetune_run.build_engine
+    monkeypatch.setattr(finetune_run, "build_engine", lambda *a, **k: engines.append(build_engine(*a, **k)) or engines[-1])
+    results = drifting_run(tiny_moe_dir, drifting_sst2, tmp_path, "--epochs", "6", "--eval-every", "10")
+    steps, scores = [h["step"] for h in results["history"]], [h["score"] for h in results["history"]]
+    assert steps == [*range(10, 161, 10), 168]  # ceil(440 / 16) = 28 steps x 6 epochs: every 10th, and the last
+    best = max(scores)
+    assert scores[0] < best and scores[-1] < best - 25  # the case under test: dev rises, then falls
+    assert results["best_step"] == steps[scores.index(best)]  # the first evaluation reaching the best score
+    assert results["score"] == results["metrics"]["sst2"]["acc"] == best
+    assert saved_model_sst2_accuracy(tmp_path / "model", drifting_sst2 / "dev.tsv") == pytest.approx(best)
+    assert engines[0].gradient_clipping() == 5.0  # the authors' clipping reaches the engine by default
+
+
+def test_patience_stops_after_that_many_evaluations_without_a_higher_score(tmp_path, tiny_moe_dir, drifting_sst2,
+                                                                         one_process_group, monkeypatch):
+    """Scripted dev scores (the real evaluation's, score replaced) 50, 60, 55, 60, 58, 70 at every 3rd step
+    with patience 3: the best is 60 at step 6 (the tie at step 12 is no improvement), and step 15 is the third
+    evaluation since, so the run stops there, keeping step 6's weights."""
+    scripted, weights = iter([50.0, 60.0, 55.0, 60.0, 58.0, 70.0]), {}
+
+    def scripted_evaluate(model, task, data, batch_size, pad_id, step):
+        weights[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {**evaluate(model, task, data, batch_size, pad_id, step), "score": next(scripted)}
+
+    monkeypatch.setattr(finetune_run, "evaluate", scripted_evaluate)
+    results = drifting_run(tiny_moe_dir, drifting_sst2, tmp_path, "--epochs", "1", "--eval-every", "3", "--patience", "3")
+    assert [h["step"] for h in results["history"]] == [3, 6, 9, 12, 15]
+    assert (results["steps_trained"], results["steps"], results["stopped_early"]) == (15, 28, True)
+    assert (results["best_step"], results["score"]) == (6, 60.0)
+    saved = StudentForSequenceClassification.from_pretrained(tmp_path / "model").state_dict()
+    assert saved.keys() == weights[6].keys()
+    assert all(torch.equal(saved[k], weights[6][k]) for k in saved)
+    assert not all(torch.equal(saved[k], weights[15][k]) for k in saved)

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.finetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""Finetune a model dir on a GLUE task or CoNLL-2003 NER through the DeepSpeed engine.
+
+    python -m pipeline.finetune --model DIR --task rte --data-dir ../shared/data/glue --output out/rte
+    # the authors' RTE recipe: 156 steps per epoch, dev every 10 steps, stop 5 epochs (78 evaluations) after the best
+    python -m pipeline.finetune --model DIR --task rte ... --lr 3e-5 --batch-size 16 --epochs 10 --eval-every 10 --patience 78
+    python -m pipeline.finetune suite --model DIR [DIR ...] --data-dir ../shared/data --output out/suite
+    ./launch.sh finetune --num-procs 2 [suite] ...   # data parallel: N processes through the deepspeed launcher
+
+The model dir is an exported student (config.json "model_type": "minimoe-student") or any Hugging Face
+encoder dir (BERT, RoBERTa, MPNet, ...; the packaged teacher is the reference row). Both go through one
+loop: the task loss (pipeline.objectives.task_loss) on the logits, plus the student's MoE aux loss (0 for
+dense and HF models), plus the task-specific KD term of the paper's KD rows when --teacher is given.
+Dev is scored every --eval-every steps (default: each epoch) and after the last step; model/ keeps the
+weights of the best evaluation by the task's paper metric, and --patience stops a run early.
+Each run writes results.json (best step and score, every evaluation), model/ and TensorBoard logs in
+tensorboard/. Under the launcher every process trains on its slice of each batch and scores the whole dev
+set (the weights are equal on all ranks, so all ranks agree on the best evaluation); rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data_prep.config_cli import add_config_arguments, config_from_args
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.run import is_main_process
+from pipeline.finetune.suite import finetune, suite
+from pipeline.tasks import TASKS, get_task
+
+
+def build_parser(suite_command: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minimoe-finetune" + (" suite" if suite_command else ""),
+        description=("Finetune one or more models on every task whose data is under --data-dir and write "
+                     "results.md in the paper's column order." if suite_command else __doc__.split("\n\n")[0]))
+    add_config_arguments(parser, FinetuneConfig, config_file=True, exclude=("model", "task") if suite_command else ())
+    if suite_command:
+        parser.add_argument("--model", nargs="+", required=True, help="model dirs, one table row each: DIR or NAME=DIR")
+        parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks to run (default: all present of {', '.join(TASKS)})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's, put before `suite`
+    suite_command = bool(argv) and argv[0] == "suite"
+    args = build_parser(suite_command).parse_args(argv[1:] if suite_command else argv)
+    try:
+        if suite_command:
+            models, tasks = args.model, args.tasks
+            del args.model, args.tasks
+            for name in tasks or []:
+                get_task(name)
+            table = suite(config_from_args(FinetuneConfig, args, model="", task=""), models, tasks)
+            if is_main_process():
+                print(table)
+        else:
+            get_task(args.task)
+            results = finetune(config_from_args(FinetuneConfig, args))
+            if is_main_process():
+                print(json.dumps({"task": results["task"], "metrics": results["metrics"], "model_dir": results["model_dir"]}, indent=2))
+    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,92 @@
+"""The finetuning config (one field per flag) and the DeepSpeed config it produces."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.optim import read_deepspeed_config
+
+# `--grid` without explicit lists. The authors' finetuning scripts use lr 3e-5 with batch 16 on RTE and MRPC
+# (GeneZC/StarK scripts/run_fintuning_rte.sh, GeneZC/MiniDisc bert_scripts/run_distillation_mrpc.sh) and lr 2e-5
+# with batch 32 on QQP and CoNLL (MiniDisc run_distillation_qqp.sh, run_finetuning_conll.sh); the grid crosses
+# those values. The released code holds no wider search space.
+GRID_LR = (2e-5, 3e-5)
+GRID_BATCH_SIZE = (16, 32)
+
+
+@dataclass
+class FinetuneConfig:
+    """One finetuning job: a task, a model and its hyperparameters (lists make a grid).
+
+    The authors' protocol (their StarK / MiniDisc finetuning scripts): dev scored every few steps, the best
+    evaluation kept, early stopping, up to 10 epochs, clipping at 5. Clipping and selection are the defaults
+    here; epochs, --eval-every and --patience default to short CPU runs (see each field for the authors' value)."""
+
+    model: str
+    """Model dir: an exported student or a Hugging Face encoder dir."""
+    task: str
+    """Task: sst2, mrpc, stsb, qqp, mnli, qnli, rte, conll2003 or cola (case and '-' ignored: SST-2 = sst2)."""
+    data_dir: str
+    """The task's folder, or a folder holding it as TASK/ or glue/TASK/."""
+    output: str
+    """Output dir: results.json, model/ (the best evaluation), tensorboard/; runs/ for a grid."""
+    lr: list[float] = field(default_factory=lambda: [5e-5])
+    """Peak learning rate(s) of AdamW; several values form a grid."""
+    batch_size: list[int] = field(default_factory=lambda: [32])
+    """Micro batch size(s) per process (overrides the ds_config's); under the launcher the global batch
+    is this x processes."""
+    seed: list[int] = field(default_factory=lambda: [42])
+    """Random seed(s): head init, dropout, data order."""
+    grid: bool = False
+    """Grid over lr 2e-5, 3e-5 x batch 16, 32 x the seeds (the authors' values), unless --lr / --batch-size
+    list values; keep the best dev run."""
+    epochs: float = 3.0
+    """Training epochs (fractions allowed); the authors train up to 10 with early stopping."""
+    eval_every: int = 0
+    """Score dev every N optimizer steps and after the last one; 0: after each epoch. The authors score
+    every 10 steps on RTE and MRPC, 100 on CoNLL, 3000 on QQP."""
+    patience: int = 0
+    """Stop after this many dev evaluations in a row without a higher paper metric than the best one;
+    0: never stop early. (The authors stop 5 epochs of steps after the best evaluation.)"""
+    max_grad_norm: float = 5.0
+    """Gradient clipping by global norm, 0 = none (the authors: 5)."""
+    warmup: float = 0.1
+    """Linear warmup, as a fraction of the steps; then linear decay to 0."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and LayerNorm)."""
+    max_seq_length: int = 128
+    """Tokens per example after truncation."""
+    max_train_examples: int | None = None
+    """Use only the first N training examples (e.g. 20000 for SST-2); default: all."""
+    teacher: str | None = None
+    """Finetuned model dir for task-specific KD (the paper's KD rows)."""
+    kd_alpha: float = 0.5
+    """Weight of the KD term; 1 - kd_alpha weighs the task loss."""
+    temperature: float = 1.0
+    """Softmax temperature of the KD term."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON config (e.g. ds_configs/zero2.json); default: ZeRO-0 fp32."""
+
+    def __post_init__(self) -> None:
+        if self.grid:
+            self.lr = self.lr if len(self.lr) > 1 else list(GRID_LR)
+            self.batch_size = self.batch_size if len(self.batch_size) > 1 else list(GRID_BATCH_SIZE)
+        if not 0 <= self.kd_alpha <= 1 or self.temperature <= 0 or self.epochs <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError("need 0 <= kd_alpha <= 1, temperature > 0, epochs > 0 and 0 <= warmup < 1")
+        if self.eval_every < 0 or self.patience < 0 or self.max_grad_norm < 0:
+            raise ValueError("need eval_every >= 0, patience >= 0 and max_grad_norm >= 0 (0 = per epoch / none)")
+
+
+# ds_config keys that finetune's flags own: a config setting them is refused rather than ignored.
+OWNED_DS_KEYS = {
+    "train_batch_size": "--batch-size", "train_micro_batch_size_per_gpu": "--batch-size",
+    "gradient_accumulation_steps": "--batch-size", "gradient_clipping": "--max-grad-norm",
+    "optimizer": "--lr / --weight-decay", "scheduler": "--lr / --warmup",
+}
+
+
+def deepspeed_config(path: str | None, batch_size: int, max_grad_norm: float) -> dict:
+    """The ds_config (ZeRO stage, precision; default ZeRO-0 fp32) with batch and clipping from the flags."""
+    config = read_deepspeed_config(path, OWNED_DS_KEYS, "minimoe-finetune") if path else {
+        "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    return {**config, "train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+            "gradient_clipping": max_grad_norm}

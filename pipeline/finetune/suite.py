@@ -1,0 +1,105 @@
+"""A grid of runs per task (the best dev run kept), suites of models x tasks, the paper's table and GLUE score."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+from data_prep.shards import write_json
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.run import is_main_process, train_run
+from pipeline.tasks import PAPER_COLUMNS, TASKS, find_task_dir, get_task
+
+# The paper's column headers (Table 2); the columns follow the order of TASKS, with the GLUE score after
+# the last task it averages.
+COLUMN_TITLES = {"sst2": "SST-2 Acc", "mrpc": "MRPC F1", "stsb": "STS-B SpCorr", "qqp": "QQP F1",
+                 "mnli": "MNLI-m/mm Acc", "qnli": "QNLI Acc", "rte": "RTE Acc", "glue": "GLUE Score",
+                 "conll2003": "CoNLL F1", "cola": "CoLA Mcc"}
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Run the (lr x batch x seed) grid; the best dev run's results become output/results.json."""
+    output = Path(config.output)
+    grid = list(itertools.product(config.lr, config.batch_size, config.seed))
+    if len(grid) == 1:
+        return train_run(config, *grid[0], output)
+    runs = [train_run(config, lr, bs, seed, output / "runs" / f"lr{lr:g}-bs{bs}-seed{seed}") for lr, bs, seed in grid]
+    best = max(runs, key=lambda r: r["score"])
+    summary = {**best, "grid": [{k: r[k] for k in ("lr", "batch_size", "seed", "score", "best_step")} for r in runs]}
+    if is_main_process():
+        write_json(output / "results.json", summary)
+    return summary
+
+
+def paper_numbers(results: dict[str, dict]) -> dict[str, float]:
+    """Task results (name -> results.json) -> the paper's numbers by column: sst2, mrpc, ..., conll2003, cola."""
+    numbers = {}
+    for name, result in results.items():
+        task = TASKS[name]
+        for dev_name, metrics in result["metrics"].items():
+            numbers[dev_name] = metrics[task.metrics[0]]
+    return numbers
+
+
+def glue_score(numbers: dict[str, float]) -> tuple[float | None, list[str]]:
+    """The paper's GLUE score: the mean of the 8 numbers of PAPER_COLUMNS that are present (and which)."""
+    present = [c for c in PAPER_COLUMNS if c in numbers]
+    return (sum(numbers[c] for c in present) / len(present) if present else None), present
+
+
+def table_columns() -> list[str]:
+    """Task names in the order of TASKS, "glue" after the last task of the GLUE score."""
+    names = list(TASKS)
+    after = 1 + max(i for i, name in enumerate(names) if TASKS[name].in_glue_score)
+    return [*names[:after], "glue", *names[after:]]
+
+
+def results_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown table in the paper's column order (Table 2), one row per model; '-' = not run."""
+    columns = table_columns()
+    lines = ["| Model | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    notes = []
+    for name, numbers in rows.items():
+        glue, used = glue_score(numbers)
+        cells = {**{c: f"{v:.1f}" for c, v in numbers.items()}, "glue": "-" if glue is None else f"{glue:.1f}"}
+        cells["mnli"] = "/".join(cells.get(c, "-") for c in ("mnli-m", "mnli-mm"))
+        cells["mnli"] = "-" if cells["mnli"] == "-/-" else cells["mnli"]
+        lines.append(f"| {name} | " + " | ".join(cells.get(c, "-") for c in columns) + " |")
+        missing = [c for c in PAPER_COLUMNS if c not in used]
+        notes.append(f"- {name}: GLUE score = mean of {len(used)} of 8 ({', '.join(used) or 'none'})"
+                     + (f"; missing: {', '.join(missing)}" if missing else ""))
+    return "\n".join(lines + [""] + notes + ["", "CoLA is not part of the paper's GLUE score."]) + "\n"
+
+
+def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) -> str:
+    """Finetune every model on every task whose data is present (existing results.json are reused,
+    so an interrupted suite resumes), then write results.md and results.json under config.output."""
+    output, rows, summary = Path(config.output), {}, {}
+    for spec in models:
+        name, _, model = spec.rpartition("=")  # "NAME=DIR" names the row; a bare DIR is named after its folder
+        name = name or Path(model).name
+        results = {}
+        for task_name in tasks or TASKS:
+            task = get_task(task_name)
+            try:
+                folder = find_task_dir(config.data_dir, task)
+            except FileNotFoundError:
+                continue
+            if not all((folder / f).is_file() for f in (task.train_file, *task.dev_files.values())):
+                continue  # e.g. QNLI: dev only
+            run_dir = output / name / task.name
+            if (run_dir / "results.json").is_file():
+                results[task.name] = json.loads((run_dir / "results.json").read_text())
+                continue
+            run = dataclasses.replace(config, model=model, task=task.name, data_dir=str(folder), output=str(run_dir))
+            results[task.name] = finetune(run)
+        rows[name] = paper_numbers(results)
+        summary[name] = {"numbers": rows[name], "glue_score": glue_score(rows[name])[0]}
+    table = results_table(rows)
+    if is_main_process():
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.md").write_text(table)
+        write_json(output / "results.json", summary)
+    return table
