@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.objectives import task_loss
+
 STUDENT_MODEL_TYPE = "minimoe-student"
 ROUTER_NOISE = ("LogitJitter", "RSample", "Jitter", None)
 # Fields added after models were first saved, with the behaviour those models were trained with.
@@ -394,7 +396,8 @@ class ExpertAttention(nn.Module):
         q, k, v = (self._per_expert(flat, tokens, [getattr(e, name) for e in self.experts])
                    for name in ("query", "key", "value"))
         first = self.experts[0]
-        y = attend(*(t.view_as(x) for t in (q, k, v)), key_mask, first.num_heads, first.dropout if self.training else 0.0)
+        dropout = first.dropout if self.training else 0.0
+        y = attend(*(t.view_as(x) for t in (q, k, v)), key_mask, first.num_heads, dropout)
         out = self._per_expert(y.reshape_as(flat), tokens, [e.output for e in self.experts]) * gate_value
         return out.view_as(x), tuple(t.view_as(x) for t in (q, k, v)), (l_aux, counts)
 
@@ -633,7 +636,9 @@ class Student(PretrainedMixin, nn.Module):
                 counts.append(ffn_routing[1])
             if index == wanted:
                 qkv = layer_qkv
-        relation_qkv = self.relation_projection.project(x) if self.config.relation_projection and wanted is not None else qkv
+        relation_qkv = qkv
+        if self.config.relation_projection and wanted is not None:
+            relation_qkv = self.relation_projection.project(x)
         # The authors' balance loss: the mean over MoE layers (of attention and FFN experts, then of the two).
         means = [torch.stack(aux).float().mean() for aux in (attention_aux, ffn_aux) if aux]
         aux_loss = torch.stack(means).mean() if means else x.new_zeros((), dtype=torch.float32)
@@ -672,7 +677,7 @@ class TaskOutput:
 
 
 class _TaskHead(PretrainedMixin, nn.Module):
-    """A student encoder with a linear task head; subclasses say what is pooled and which loss applies."""
+    """A student encoder with a linear task head; subclasses say what is pooled; the loss is objectives.task_loss."""
 
     kind: str = ""
 
@@ -693,14 +698,11 @@ class _TaskHead(PretrainedMixin, nn.Module):
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
         out = self.student(input_ids, attention_mask, token_type_ids, qkv_layer=None)
         logits = self.classifier(self.dropout(self.features(out.last_hidden_state)))
-        loss = None if labels is None else self.task_loss(logits, labels) + out.aux_loss
+        loss = None if labels is None else task_loss(logits, labels) + out.aux_loss
         return TaskOutput(logits, loss, out.aux_loss, out.expert_counts)
 
     @classmethod
@@ -731,11 +733,6 @@ class StudentForSequenceClassification(_TaskHead):
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.pooler(hidden[:, 0]))  # (B, H) at [CLS]
 
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels)
-
 
 class StudentForTokenClassification(_TaskHead):
     """Per-token linear head; labels -100 (padding, non-first sub-tokens) are ignored."""
@@ -745,5 +742,3 @@ class StudentForTokenClassification(_TaskHead):
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden  # (B, T, H)
 
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
