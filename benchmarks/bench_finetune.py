@@ -46,7 +46,7 @@ def main() -> None:
     batch = collate(encode(task, examples, tokenizer, 128), tokenizer.pad_token_id)
     labels = batch.pop("labels")
     config = StudentConfig.from_preset(args.preset, tokenizer=tokenizer, num_experts=args.experts)
-    model = StudentForSequenceClassification(config, num_labels=2)
+    model = StudentForSequenceClassification(config)  # num_labels 2
     default_adamw = torch.optim.AdamW(model.parameters(), lr=1e-5)
     fused_adamw = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     init_single_process()

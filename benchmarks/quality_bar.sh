@@ -45,7 +45,8 @@ from data_prep.tokenizer import load_tokenizer
 from pipeline.distill import build_student
 from pipeline.model import StudentConfig
 source, out = Path(sys.argv[1]) / "model-minimoe", Path(sys.argv[1]) / "model-random"
-build_student(StudentConfig.load(source / "config.json"), seed=42).save_pretrained(out, tokenizer=load_tokenizer(str(source)))
+build_student(StudentConfig.load(source / "config.json"), seed=42).save_pretrained(out)
+load_tokenizer(str(source)).save_pretrained(str(out))
 PY
 
 # 3. The students, one recipe, each seed its own run: MRPC, STS-B, RTE (GLUE) and the bundled

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ import torch
 
 from data_prep.tokenizer import load_tokenizer
 from pipeline.experts import KEEP_THRESHOLD, factored_params, ffn_weight, kept_rank
-from pipeline.model import LowRankLinear, Student
+from pipeline.model import LowRankLinear, Student, StudentConfig
 
 
 def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,14 +55,14 @@ def compress(student: Student, threshold: float = KEEP_THRESHOLD) -> Student:
 def compress_dir(model_dir: str | Path, output: str | Path, threshold: float) -> dict:
     """Compress an exported student dir into `output` (written under a temporary name, then renamed)."""
     model_dir, output = Path(model_dir), Path(output)
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
-    if "task_head" in config:
+    if StudentConfig.load(model_dir).architectures not in (None, ["Student"]):
         raise ValueError(f"{model_dir}: a finetuned task-head dir; compress the exported student, then finetune it")
     student = Student.from_pretrained(model_dir)
     compressed = compress(student, threshold)
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    compressed.save_pretrained(tmp, tokenizer=load_tokenizer(str(model_dir)))
+    compressed.save_pretrained(tmp)
+    load_tokenizer(str(model_dir)).save_pretrained(str(tmp))
     shutil.rmtree(output, ignore_errors=True)
     os.replace(tmp, output)
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731

@@ -189,7 +189,7 @@ def student_config(cfg: DistillConfig, tokenizer):
                      cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, ep_size=cfg.ep_size)
     if cfg.student_config is None:
         return StudentConfig.from_preset(cfg.student, **{"num_experts": 4, **overrides})
-    values = StudentConfig.load(cfg.student_config).to_dict()
+    values = StudentConfig.load(cfg.student_config).student_dict()
     if cfg.hidden is not None and cfg.hidden != values["hidden_size"]:
         values["intermediate_size"] = None  # back to 4 x the new hidden size
     if cfg.experts is not None and "relation_projection" not in overrides:
@@ -473,7 +473,7 @@ def distill(cfg: DistillConfig) -> None:
     layout = {"world_size": world, "ep_size": cfg.ep_size, "zero_stage": engine.zero_optimization_stage(),
               "dtype": str(compute_dtype(ds))}
     if cfg.resume:
-        step = resume(cfg, engine, loader, layout, config.to_dict())
+        step = resume(cfg, engine, loader, layout, config.student_dict())
     else:
         step = 0
         seed_rank(cfg.seed, rank, step)
@@ -488,7 +488,7 @@ def distill(cfg: DistillConfig) -> None:
 
     def trainer_state() -> dict[str, Any]:
         return {"tag": checkpoint.tag_for(step), "data": loader.state_dict(), "layout": layout,
-                "student": config.to_dict(), "config": dataclasses.asdict(cfg)}
+                "student": config.student_dict(), "config": dataclasses.asdict(cfg)}
 
     while step < total_steps:
         stats = train_step(engine, teacher, loader, cfg, router)

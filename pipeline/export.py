@@ -3,7 +3,7 @@
 DeepSpeed writes a MoE model as one file of non-expert weights (mp_rank_00_model_states.pt) plus one
 file per expert with its GLOBAL id (layer_{L}_expert_{E}_mp_rank_00_model_states.pt), whichever
 expert-parallel rank held it; zero_to_fp32.py does not understand those files, so this merges them
-itself. The result (config.json + model.safetensors + tokenizer, via Student.save_pretrained) loads
+itself. The result (config.json + model.safetensors + tokenizer, via transformers' save_pretrained) loads
 in one process with ep_size 1; training-only parts (MiniMoE's relation projection, TinyBERT's W_h) are
 dropped, so a MiniMoE 3L;384H exports 27.88 M of its 28.32 M distillation-time parameters. In a bf16/fp16 run the weights are the engine's half-precision module
 weights, saved as fp32.
@@ -62,7 +62,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{step_dir}: checkpoint weights do not match the student config: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     student.load_state_dict(weights)
-    student.save_pretrained(out_dir, tokenizer=load_tokenizer(str(step_dir / "tokenizer")))
+    student.save_pretrained(out_dir)
+    load_tokenizer(str(step_dir / "tokenizer")).save_pretrained(str(out_dir))
     return step_dir
 
 

@@ -1,5 +1,9 @@
 """MiniLM / MiniMoE students: a BERT-style encoder whose FFNs are dense or DeepSpeed MoE blocks.
 
+The student and its task heads are transformers models (`StudentConfig` is a `PreTrainedConfig` with its
+own model_type, the models are `PreTrainedModel`s registered with the Auto classes at the end of this
+file): save_pretrained / from_pretrained are transformers' own (config.json + model.safetensors).
+
 One code path for dense and MoE students: every layer's FFN returns (output, aux loss, expert counts);
 the dense FFN returns a zero aux loss and no counts. MoE blocks are DeepSpeed's classic
 `deepspeed.moe.layer.MoE` with one expert = one dense FFN of the student's size, so a MiniMoE student
@@ -13,14 +17,17 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                          PreTrainedConfig, PreTrainedModel)
+from transformers import initialization as init
+from transformers.utils import ModelOutput
 
 from pipeline.objectives import task_loss
 
@@ -29,13 +36,24 @@ ROUTER_NOISE = ("LogitJitter", "RSample", "Jitter", None)
 # Fields added after models were first saved, with the behaviour those models were trained with.
 LEGACY_FIELDS = {"router_bias": False, "expert_init": "independent",
                  "relation_projection": False}
+# Keys that transformers' PreTrainedConfig takes besides its fields: those its to_dict writes and its from_dict
+# passes on (everything else is an unknown StudentConfig field).
+HF_CONFIG_KEYS = {"model_type", "_name_or_path", "output_attentions", "num_labels", "name_or_path", "torch_dtype",
+                  "attn_implementation", "experts_implementation", "_commit_hash"}
+# The task head class of each `task_head.kind` in config.json files of our earlier format.
+HEAD_CLASSES = {"sequence_classification": "StudentForSequenceClassification",
+                "token_classification": "StudentForTokenClassification"}
 # "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight" -> prefix, expert id, suffix
 EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
 
 
-@dataclass
-class StudentConfig:
-    """Shape and MoE settings of a student; round-trips through config.json (unknown keys are errors)."""
+class StudentConfig(PreTrainedConfig):
+    """Shape and MoE settings of a student; a transformers config that round-trips through config.json
+    (unknown keys are errors)."""
+
+    model_type = STUDENT_MODEL_TYPE
+    # transformers' standard names, read by other libraries (sentence-transformers, pipelines)
+    attribute_map = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
 
     num_layers: int = 6
     """Transformer layers."""
@@ -102,7 +120,11 @@ class StudentConfig:
     `Student.ffn_linears()`, e.g. "layers.0.ffn.fc1") -> rank r; that Linear(in, out) becomes
     LowRankLinear: Linear(in, r, bias=False) then Linear(r, out). None = all full-rank."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - HF_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown StudentConfig field(s) {unknown}; known: {sorted(student_fields())}")
+        super().__post_init__(**kwargs)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.relation_projection is None:
@@ -126,20 +148,29 @@ class StudentConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 1 or self.attention_experts > 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": STUDENT_MODEL_TYPE, **dataclasses.asdict(self)}
+    def __eq__(self, other: object) -> bool:
+        """The same student: equal StudentConfig fields (transformers' bookkeeping, e.g. the version, aside)."""
+        return isinstance(other, StudentConfig) and self.student_dict() == other.student_dict()
+
+    def student_dict(self) -> dict[str, Any]:
+        """model_type and the StudentConfig fields: what a checkpoint records and `from_dict` reads back."""
+        return {"model_type": STUDENT_MODEL_TYPE, **{name: getattr(self, name) for name in student_fields()}}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "StudentConfig":
-        """From a dict; one that we wrote ("model_type" set) before a field existed gets the field's old value."""
+    def from_dict(cls, config_dict: dict[str, Any], source: str = "config", **kwargs: Any) -> "StudentConfig":
+        """From a dict; one that we wrote ("model_type" set) before a field existed gets the field's old value,
+        and the task head of our earlier format (`task_head`) becomes transformers' architectures/num_labels."""
+        values = dict(config_dict)
         if values.get("model_type") == STUDENT_MODEL_TYPE:
             values = {**LEGACY_FIELDS, **values}
-        values = {k: v for k, v in values.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown StudentConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        values["ep_size"] = 1  # a saved model holds every expert, whatever ep_size it was trained with
+        head = values.pop("task_head", None)
+        if head is not None:
+            values.update(architectures=[HEAD_CLASSES[head["kind"]]], num_labels=head["num_labels"])
+        try:
+            return super().from_dict(values, **kwargs)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
     @classmethod
     def from_preset(cls, name: str, tokenizer=None, **overrides: Any) -> "StudentConfig":
@@ -158,9 +189,13 @@ class StudentConfig:
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         with open(file) as f:
-            values = json.load(f)
-        values.pop("task_head", None)
-        return cls.from_dict(values, source=str(file))
+            return cls.from_dict(json.load(f), source=str(file))
+
+
+def student_fields() -> list[str]:
+    """The fields StudentConfig declares (not those of transformers' PreTrainedConfig)."""
+    inherited = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    return [f.name for f in dataclasses.fields(StudentConfig) if f.name not in inherited]
 
 
 # The paper's students (Table 1/2; 12 heads each) and its teacher assistants ("w/ TA").
@@ -184,14 +219,14 @@ def is_student_dir(path: str | os.PathLike) -> bool:
 
 
 @dataclass
-class StudentOutput:
-    last_hidden_state: torch.Tensor
+class StudentOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
     """(B, T, H) output of the last layer."""
-    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """Q, K, V projections (B, T, H) each, before the head split, of layer `qkv_layer` (None if not asked)."""
-    aux_loss: torch.Tensor
+    aux_loss: torch.Tensor | None = None
     """Scalar: aux_loss_weight x the mean of the MoE layers' load-balancing losses (0 for a dense student)."""
-    expert_counts: list[torch.Tensor] = field(default_factory=list)
+    expert_counts: list[torch.Tensor] | None = None
     """Per MoE FFN layer, (E,) tokens routed to each expert on this process (real tokens, before any drop)."""
     qkv_layer_input: torch.Tensor | None = None
     """(B, T, H) hidden state entering layer `qkv_layer` (TinyBERT's hidden-state loss)."""
@@ -433,11 +468,11 @@ def moefy_init(experts: list[tuple[list[nn.Linear], list[nn.Linear]]], unit: int
     wide_out = [torch.randn(linear.out_features, wide) * std for linear in first_out]
     for (ins, outs), cut in zip(experts, cuts):
         for linear, weight in zip(ins, wide_in):
-            linear.weight.copy_(weight[cut])
+            init.copy_(linear.weight, weight[cut])  # (transformers' init functions skip loaded weights)
         for linear, weight in zip(outs, wide_out):
-            linear.weight.copy_(weight[:, cut])
+            init.copy_(linear.weight, weight[:, cut])
         for linear in ins + outs:
-            nn.init.zeros_(linear.bias)
+            init.zeros_(linear.bias)
 
 
 class TransformerLayer(nn.Module):
@@ -464,62 +499,70 @@ class TransformerLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(y)), qkv, attention_routing, ffn_routing
 
 
-class PretrainedMixin:
-    """save_pretrained / from_pretrained for Student and its task heads (config.json + model.safetensors)."""
+class StudentPreTrainedModel(PreTrainedModel):
+    """What the student and its task heads share: the config class, BERT's initialisation with the authors'
+    router and expert init, saving with every expert under its global id."""
 
-    config: StudentConfig
-
-    def head_config(self) -> dict[str, Any] | None:
-        return None
-
-    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
-        """Write config.json, model.safetensors (all experts, global ids) and the tokenizer if given.
-
-        With ep_size > 1 every rank of the expert-parallel group must call this (experts are gathered);
-        rank 0 writes. Files are written under temporary names and renamed."""
-        state = gather_experts(self.state_dict(), self.config)
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        config = {**self.config.to_dict(), "ep_size": 1}
-        if self.head_config() is not None:
-            config["task_head"] = self.head_config()
-        _write_atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        _write_atomic(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
+    config_class = StudentConfig
+    base_model_prefix = "student"
 
     @classmethod
-    def _load_config(cls, path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[StudentConfig, dict | None]:
-        path = Path(path)
-        if not is_student_dir(path):
-            raise ValueError(f"{path / 'config.json'}: not a minimoe student dir (model_type != {STUDENT_MODEL_TYPE!r})")
-        with open(path / "config.json") as f:
-            values = json.load(f)
-        head = values.pop("task_head", None)
-        values.update(ep_size=1)
-        values.update(overrides)
-        return StudentConfig.from_dict(values, source=str(path / "config.json")), head
+    def is_custom_code(cls) -> bool:
+        # transformers skips _init_weights on modules without parameters of their own in code outside its
+        # library (the router, the whole-student moefy); ours only uses its guarded init functions.
+        return False
 
-    def _load_weights(self, path: str | os.PathLike, prefix: str = "") -> None:
-        """Load model.safetensors (keys prefixed by `prefix` in this module), keeping this rank's experts."""
-        file = Path(path) / "model.safetensors"
-        state = localize_experts(load_file(str(file)), self.config)
-        own = self.state_dict()
-        state = {prefix + k: v for k, v in state.items()}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{file}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.load_state_dict(state)
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's init per module (transformers calls it children first), then the authors' moefy experts once
+        the whole student is built (whole-model order, so a seed gives the same weights as before)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            init.zeros_(module.weight[module.padding_idx])
+        if isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if getattr(module, "wg", None) is not None and self.config.router_bias:  # the authors' router keeps
+            module.wg.reset_parameters()  # PyTorch's default Linear init
+        if isinstance(module, Student) and self.config.expert_init == "moefy" and self.config.ffn_ranks is None:
+            module.moefy_experts()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """transformers' save_pretrained (config.json, model.safetensors) with all experts under global ids,
+        the files readable by others.
+
+        With ep_size > 1 every rank of the expert-parallel group must call this (experts are gathered);
+        rank 0 writes."""
+        if self.config.ep_size > 1:
+            kwargs.update(state_dict=gather_experts(self.state_dict(), self.config),
+                          is_main_process=torch.distributed.get_rank() == 0)
+        super().save_pretrained(save_directory, **kwargs)
+        if kwargs.get("is_main_process", True):
+            umask_file_modes(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """transformers' from_pretrained, DeepSpeed's marks on expert parameters restored (loading replaces the
+        Parameters; the engine's MoE parameter groups and gradient reduction read the marks)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        for module in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():  # (output_loading_info)
+            if hasattr(module, "expert_group_name"):  # a DeepSpeed MoE block
+                for param in module.deepspeed_moe.experts.parameters():
+                    param.allreduce, param.group_name = False, module.expert_group_name
+        return loaded
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def umask_file_modes(directory: str | os.PathLike) -> None:
+    """Give every file under `directory` the mode open() gives (0666 less the umask, 0644 as a rule):
+    safetensors writes its files 0600, unreadable by the other users of a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(directory).rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def _expert_parallel_rank(config: StudentConfig) -> int:
@@ -565,12 +608,11 @@ def gather_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> dic
     return full
 
 
-class Student(PretrainedMixin, nn.Module):
+class Student(StudentPreTrainedModel):
     """The student encoder. forward -> StudentOutput (hidden states, Q/K/V of one layer, aux loss, counts)."""
 
     def __init__(self, config: StudentConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         for path, rank in (config.ffn_ranks or {}).items():
@@ -584,12 +626,10 @@ class Student(PretrainedMixin, nn.Module):
             setattr(self.get_submodule(parent), name, low_rank)
         if config.relation_projection:
             self.relation_projection = QKV(config)
-        # Re-initialise everything after construction: DeepSpeed deep-copies one expert E times.
-        self.apply(self._init_weights)
-        if config.expert_init == "moefy" and config.ffn_ranks is None:
-            self._moefy_experts()
+        # Initialised after construction (post_init -> _init_weights): DeepSpeed deep-copies one expert E times.
+        self.post_init()
 
-    def _moefy_experts(self) -> None:
+    def moefy_experts(self) -> None:
         std = self.config.initializer_range
         for layer in self.layers:
             if isinstance(layer.attention, ExpertAttention):
@@ -598,24 +638,12 @@ class Student(PretrainedMixin, nn.Module):
             if not isinstance(layer.ffn, FeedForward):
                 moefy_init([([e.fc1], [e.fc2]) for e in layer.ffn.deepspeed_moe.experts.deepspeed_experts], 1, std)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            nn.init.zeros_(module.weight[module.padding_idx])
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        if getattr(module, "wg", None) is not None and self.config.router_bias:  # the authors' router keeps
-            module.wg.reset_parameters()  # PyTorch's default Linear init
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, qkv_layer: int | None = -1) -> StudentOutput:
+                token_type_ids: torch.Tensor | None = None, qkv_layer: int | None = -1,
+                return_dict: bool | None = None) -> StudentOutput | tuple:
         """input_ids (B, T); attention_mask (B, T), 1 = real token; qkv_layer: layer index (negative counts
-        from the end) whose Q/K/V to return, None for none (and no relation Q/K/V either)."""
+        from the end) whose Q/K/V to return, None for none (and no relation Q/K/V either); return_dict=False
+        gives transformers' tuple form."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -642,82 +670,53 @@ class Student(PretrainedMixin, nn.Module):
         # The authors' balance loss: the mean over MoE layers (of attention and FFN experts, then of the two).
         means = [torch.stack(aux).float().mean() for aux in (attention_aux, ffn_aux) if aux]
         aux_loss = torch.stack(means).mean() if means else x.new_zeros((), dtype=torch.float32)
-        return StudentOutput(x, qkv, self.config.aux_loss_weight * aux_loss, counts, layer_input, relation_qkv)
+        out = StudentOutput(last_hidden_state=x, qkv=qkv, aux_loss=self.config.aux_loss_weight * aux_loss,
+                            expert_counts=counts, qkv_layer_input=layer_input, relation_qkv=relation_qkv)
+        return out if return_dict is not False else out.to_tuple()
 
     def ffn_linears(self) -> dict[str, nn.Module]:
         """Every FFN matrix by its module path (dense fc1/fc2, or each expert's fc1/fc2; global expert ids
         when ep_size is 1): an nn.Linear, or a LowRankLinear where config.ffn_ranks says so."""
         return {name: module for name, module in self.named_modules() if name.rsplit(".", 1)[-1] in ("fc1", "fc2")}
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Student":
-        """Load a saved student (or the encoder of a saved task head) in one plain process.
-
-        `overrides` are StudentConfig fields (e.g. dropout=0.0, or ep_size=N inside the engine)."""
-        config, head = cls._load_config(path, overrides)
-        model = cls(config)
-        if head is None:
-            model._load_weights(path)
-        else:  # the encoder of a saved task head
-            state = {k[len("student."):]: v for k, v in load_file(str(Path(path) / "model.safetensors")).items()
-                     if k.startswith("student.")}
-            model.load_state_dict(localize_experts(state, config))
-        return model
-
 
 @dataclass
-class TaskOutput:
-    logits: torch.Tensor
-    """(B, num_labels) for sequence heads, (B, T, num_labels) for token heads."""
-    loss: torch.Tensor | None
+class TaskOutput(ModelOutput):
+    loss: torch.Tensor | None = None
     """Task loss + the student's weighted aux loss (None without labels)."""
-    aux_loss: torch.Tensor
+    logits: torch.Tensor | None = None
+    """(B, num_labels) for sequence heads, (B, T, num_labels) for token heads."""
+    aux_loss: torch.Tensor | None = None
     """The student's weighted aux loss (already included in `loss`)."""
-    expert_counts: list[torch.Tensor] = field(default_factory=list)
+    expert_counts: list[torch.Tensor] | None = None
 
 
-class _TaskHead(PretrainedMixin, nn.Module):
-    """A student encoder with a linear task head; subclasses say what is pooled; the loss is objectives.task_loss."""
+class _TaskHead(StudentPreTrainedModel):
+    """A student encoder with a linear task head of config.num_labels outputs; subclasses say what is pooled;
+    the loss is objectives.task_loss."""
 
     kind: str = ""
 
-    def __init__(self, config: StudentConfig, num_labels: int):
-        super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-        self.config = config
-        self.num_labels = num_labels
+    def __init__(self, config: StudentConfig):
+        super().__init__(config)
+        if config.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {config.num_labels}")
+        self.num_labels = config.num_labels
         self.student = Student(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.hidden_size, num_labels)
-        self.student._init_weights(self.classifier)
-
-    def head_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_labels": self.num_labels}
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None) -> TaskOutput | tuple:
         out = self.student(input_ids, attention_mask, token_type_ids, qkv_layer=None)
         logits = self.classifier(self.dropout(self.features(out.last_hidden_state)))
         loss = None if labels is None else task_loss(logits, labels) + out.aux_loss
-        return TaskOutput(logits, loss, out.aux_loss, out.expert_counts)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, num_labels: int | None = None, **overrides: Any):
-        """From a saved head of this kind (head weights kept) or a plain student dir (fresh head)."""
-        config, head = cls._load_config(path, overrides)
-        if head is not None and head["kind"] == cls.kind and num_labels in (None, head["num_labels"]):
-            model = cls(config, head["num_labels"])
-            model._load_weights(path)
-            return model
-        if num_labels is None:
-            raise ValueError(f"{path}: no {cls.kind} head saved there; pass num_labels")
-        model = cls(config, num_labels)
-        model.student.load_state_dict(Student.from_pretrained(path, **overrides).state_dict())
-        return model
+        result = TaskOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+        return result if return_dict is not False else result.to_tuple()
 
 
 class StudentForSequenceClassification(_TaskHead):
@@ -725,10 +724,10 @@ class StudentForSequenceClassification(_TaskHead):
 
     kind = "sequence_classification"
 
-    def __init__(self, config: StudentConfig, num_labels: int):
-        super().__init__(config, num_labels)
+    def __init__(self, config: StudentConfig):
+        super().__init__(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        self.student._init_weights(self.pooler)
+        self.post_init()
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.pooler(hidden[:, 0]))  # (B, H) at [CLS]
@@ -739,6 +738,16 @@ class StudentForTokenClassification(_TaskHead):
 
     kind = "token_classification"
 
+    def __init__(self, config: StudentConfig):
+        super().__init__(config)
+        self.post_init()
+
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden  # (B, T, H)
 
+
+# `import pipeline` makes AutoConfig / AutoModel / AutoModelFor{Sequence,Token}Classification know the student.
+AutoConfig.register(STUDENT_MODEL_TYPE, StudentConfig)
+AutoModel.register(StudentConfig, Student)
+AutoModelForSequenceClassification.register(StudentConfig, StudentForSequenceClassification)
+AutoModelForTokenClassification.register(StudentConfig, StudentForTokenClassification)

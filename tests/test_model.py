@@ -3,10 +3,12 @@ hand, save/load (also of a model trained with ep_size 2), task heads."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from pipeline import model as model_module
 from pipeline.model import (STUDENT_PRESETS, Student, StudentConfig, StudentForSequenceClassification,
@@ -142,17 +144,28 @@ def test_router_noise_changes_training_routing_only():
     assert len(eval_counts) == 1 and len(train_counts) > 1
 
 
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 @pytest.mark.parametrize("num_experts", [1, 4])
-def test_save_load_round_trip(tmp_path, num_experts, teacher_dir):
+def test_save_load_round_trip(tmp_path, num_experts, teacher_dir, umask_022):
     from data_prep.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = Student(tiny_config(num_experts=num_experts)).eval()
-    model.save_pretrained(tmp_path, tokenizer=load_tokenizer(str(teacher_dir)))
+    model.save_pretrained(tmp_path)
+    load_tokenizer(str(teacher_dir)).save_pretrained(str(tmp_path))
     assert is_student_dir(tmp_path) and (tmp_path / "tokenizer.json").is_file()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in tmp_path.iterdir()} == {
+        f.name: "0o644" for f in tmp_path.iterdir()}  # readable by others (safetensors itself writes 0600)
     loaded = Student.from_pretrained(tmp_path).eval()
     assert loaded.config == model.config
+    from deepspeed.moe.utils import is_moe_param  # loading kept DeepSpeed's marks on the expert weights
+    assert all(is_moe_param(p) == (".deepspeed_experts." in n) for n, p in loaded.named_parameters())
     ids, mask, types = batch()
     torch.testing.assert_close(loaded(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state,
                                atol=0, rtol=0)
@@ -168,6 +181,20 @@ def test_model_saved_with_ep_size_2_loads_in_one_process(tmp_path):
     assert loaded.config.ep_size == 1
     ids, mask, types = batch()
     torch.testing.assert_close(loaded(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state)
+
+
+def test_model_dirs_of_the_earlier_format_load(tmp_path):
+    """config.json as our hand-written saver wrote it (model_type and every field, ep_size, task_head) next to a
+    bare safetensors file: transformers' from_pretrained loads it, head weights included."""
+    torch.manual_seed(0)
+    head = StudentForSequenceClassification(tiny_config(num_experts=4, num_labels=3)).eval()
+    task_head = {"kind": "sequence_classification", "num_labels": 3}
+    (tmp_path / "config.json").write_text(json.dumps({**head.config.student_dict(), "ep_size": 1, "task_head": task_head}))
+    save_file(head.state_dict(), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = StudentForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.num_labels == 3 and loaded.config == head.config
+    ids, mask, types = batch()
+    torch.testing.assert_close(loaded(ids, mask, types).logits, head(ids, mask, types).logits, atol=0, rtol=0)
 
 
 def test_localize_experts_keeps_this_ranks_experts_renumbered(monkeypatch):
@@ -198,17 +225,15 @@ def test_sequence_head_losses_and_reload(tmp_path):
     torch.testing.assert_close(Student.from_pretrained(tmp_path / "head").eval()(ids, mask, types).last_hidden_state,
                                head.student(ids, mask, types).last_hidden_state, atol=0, rtol=0)
 
-    regression = StudentForSequenceClassification(config, num_labels=1).eval()
+    regression = StudentForSequenceClassification(tiny_config(num_experts=4, num_labels=1)).eval()
     target = torch.tensor([0.5, 1.0, 4.0])
     out = regression(ids, mask, types, labels=target)
     torch.testing.assert_close(out.loss, ((out.logits[:, 0] - target) ** 2).mean() + out.aux_loss)
-    with pytest.raises(ValueError, match="no token_classification head saved there; pass num_labels"):
-        StudentForTokenClassification.from_pretrained(tmp_path / "head")
 
 
 def test_token_head_ignores_minus_100():
     torch.manual_seed(0)
-    head = StudentForTokenClassification(tiny_config(), num_labels=5).eval()
+    head = StudentForTokenClassification(tiny_config(num_labels=5)).eval()
     ids, mask, types = batch()
     labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
     out = head(ids, mask, types, labels=labels)
