@@ -13,17 +13,19 @@ minimoe-finetune flags: see `python -m pipeline.finetune [suite] --help`; each p
 --batch-size examples per step (data parallel), so the global batch is --batch-size x processes.
 
 launch options (taken by this script, anywhere on the line):
-  --num-procs N      processes on this node (default: one per GPU, or one per CPU core without GPUs)
+  --num-procs N      processes on this node (default: one per GPU, or one per CPU core without GPUs;
+                     cores are counted whatever OMP_NUM_THREADS says)
   --hostfile FILE    multi-node: a DeepSpeed hostfile, one "HOST slots=N" line per node (ssh/pdsh)
   --num-nodes N  --include S  --exclude S  --master-addr A  --master-port P  --launcher L
-                     passed to the deepspeed launcher (multi-node; --master-port also single-node)
+                     passed to the deepspeed launcher (multi-node; --master-port also single-node,
+                     where a free port is picked when it is not given)
   --no-ssh           multi-node without ssh: run this script on every node with --node-rank I
   --node-rank I      this node's rank with --no-ssh
   --bind-cores       pin each CPU rank to its own cores (needs numactl; ~25% faster on CPUs)
   --dry-run          print the command, do not run it
 
-environment: PYTHON=/path/to/python runs that interpreter's launcher (python -m deepspeed.launcher.runner)
-instead of the `deepspeed` command on PATH.
+environment: PYTHON=/path/to/python runs that interpreter's launcher (python -m deepspeed.launcher.runner).
+Without it, the project's .venv (made by `make install`) is used when it exists, else `deepspeed` on PATH.
 
 examples:
   # MiniMoE 3L;384H from the packaged teacher on all local devices, ZeRO-2 fp32
@@ -44,6 +46,9 @@ examples:
 EOF
 }
 
+# This node's cores, whatever OMP_NUM_THREADS says (nproc obeys it: OMP_NUM_THREADS=1 would mean one process).
+cores() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
 if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 0; fi
 command=$1; shift
 if [[ "$command" != "distill" && "$command" != "finetune" ]]; then
@@ -51,23 +56,41 @@ if [[ "$command" != "distill" && "$command" != "finetune" ]]; then
   exit 2
 fi
 
-# The launcher: `$PYTHON -m deepspeed.launcher.runner` when PYTHON is set or `deepspeed` is not on PATH.
-if [[ -z "${PYTHON:-}" ]] && command -v deepspeed >/dev/null 2>&1; then
+repo="$(cd "$(dirname "$0")" && pwd)"
+# The launcher: $PYTHON's, else the project venv's (with its tools on PATH and its JIT-built DeepSpeed ops,
+# as under make), else `deepspeed` on PATH.
+if [[ -z "${PYTHON:-}" && -x "$repo/.venv/bin/python" ]]; then
+  PYTHON="$repo/.venv/bin/python"
+  export PATH="$repo/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.venv/torch_extensions}"
+fi
+if [[ -n "${PYTHON:-}" ]]; then
+  launcher=("$PYTHON" -m deepspeed.launcher.runner)
+elif command -v deepspeed >/dev/null 2>&1; then
   launcher=(deepspeed)
 else
-  launcher=("${PYTHON:-python3}" -m deepspeed.launcher.runner)
+  echo "error: no .venv in $repo and no deepspeed on PATH: run 'make install' (or set PYTHON=/path/to/python)" >&2
+  exit 2
 fi
 procs=""
 hostfile=""
+port_given=0
+multi_node=0
 dry_run=0
 flags=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --num-procs|--hostfile|--num-nodes|--include|--exclude|--master-addr|--master-port|--launcher|--node-rank)
+      if [[ $# -lt 2 || "$2" == --* ]]; then
+        echo "error: $1 needs a value; see ./launch.sh --help" >&2
+        exit 2
+      fi ;;&
     --num-procs) procs=$2; shift 2 ;;
-    --hostfile) hostfile=$2; launcher+=(--hostfile "$2"); shift 2 ;;
+    --hostfile) hostfile=$2; multi_node=1; launcher+=(--hostfile "$2"); shift 2 ;;
     --num-nodes|--include|--exclude|--master-addr|--master-port|--launcher|--node-rank)
+      [[ "$1" == --master-port ]] && port_given=1
+      [[ "$1" == --num-nodes || "$1" == --node-rank ]] && multi_node=1
       launcher+=("--$(echo "${1#--}" | tr - _)" "$2"); shift 2 ;;
-    --no-ssh) launcher+=(--no_ssh); shift ;;
+    --no-ssh) multi_node=1; launcher+=(--no_ssh); shift ;;
     --bind-cores) launcher+=(--bind_cores_to_rank); shift ;;
     --dry-run) dry_run=1; shift ;;
     *) flags+=("$1"); shift ;;
@@ -82,7 +105,7 @@ if [[ -z "$procs" && -z "$hostfile" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     procs=$(nvidia-smi -L | wc -l)
   else
-    procs=$(nproc)
+    procs=$(cores)
   fi
 fi
 if [[ -n "$procs" ]]; then
@@ -96,11 +119,16 @@ fi
 # Like torchrun: without an explicit OMP_NUM_THREADS, split this node's cores between its processes.
 # N ranks x torch's default thread count oversubscribe a CPU node, and the ranks then stall each other.
 if [[ -z "${OMP_NUM_THREADS:-}" && -n "$procs" ]]; then
-  export OMP_NUM_THREADS=$(( $(nproc) / procs > 0 ? $(nproc) / procs : 1 ))
+  export OMP_NUM_THREADS=$(( $(cores) / procs > 0 ? $(cores) / procs : 1 ))
+fi
+# Two runs on one node would both take the launcher's default port 29500: pick a free one (single node only:
+# the nodes of a multi-node run must agree on it, so there it is the user's, or the launcher's default).
+if [[ $port_given -eq 0 && $multi_node -eq 0 ]]; then
+  launcher+=(--master_port "$("${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
 fi
 
 # pipeline/ importable from any working directory (relative paths in FLAGS stay the user's).
-export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 cmd=("${launcher[@]}" --module "pipeline.$command" "${flags[@]}")
 printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; printf '\n' >&2
 if [[ $dry_run -eq 1 ]]; then exit 0; fi

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import distill  # noqa: E402
 from pipeline.data import ShardDataset, ShardLoader  # noqa: E402
-from pipeline.optim import build_engine, lr_factor  # noqa: E402
+from pipeline.optim import LinearSchedule, build_engine  # noqa: E402
 
 
 def synchronize() -> None:
@@ -50,7 +50,8 @@ class EngineRun:
     def __init__(self, cfg: distill.DistillConfig, teacher, shards: ShardDataset):
         self.cfg, self.teacher = cfg, teacher
         student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed)
-        self.engine = build_engine(student, distill.deepspeed_config(cfg, 1), cfg.lr, cfg.weight_decay, 0, 10**6, eps=1e-6)
+        self.engine = build_engine(student, distill.deepspeed_config(cfg, 1), cfg.lr, cfg.weight_decay,
+                                   LinearSchedule(0, 10**6), eps=1e-6)
         self.router = distill.RouterStats(self.engine.module, self.engine.device)
         self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
 
@@ -74,7 +75,7 @@ class PlainRun:
         no_decay = [p for p in self.student.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6, fused=True)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, 0, 10**6))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearSchedule(0, 10**6).factor)
         self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
 
     def steps(self, n: int) -> tuple[float, float, float]:

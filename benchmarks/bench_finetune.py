@@ -21,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.tokenizer import load_tokenizer, packaged_teacher_dir  # noqa: E402
 from pipeline.finetune.config import FinetuneConfig, deepspeed_config  # noqa: E402
 from pipeline.finetune.data import collate, encode  # noqa: E402
-from pipeline.finetune.run import init_single_process  # noqa: E402
 from pipeline.model import StudentConfig, StudentForSequenceClassification  # noqa: E402
 from pipeline.objectives import task_loss  # noqa: E402
-from pipeline.optim import build_engine  # noqa: E402
+from pipeline.optim import LinearSchedule, build_engine, init_single_process  # noqa: E402
 from pipeline.tasks import get_task, read_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +50,8 @@ def main() -> None:
     fused_adamw = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     init_single_process()
     deepspeed.init_distributed(dist_backend="gloo")
-    engine = build_engine(model, deepspeed_config(None, args.batch_size, FinetuneConfig.max_grad_norm), 1e-5, 0.01, 1, 10**6)
+    engine = build_engine(model, deepspeed_config(None, args.batch_size, FinetuneConfig.max_grad_norm), 1e-5, 0.01,
+                          LinearSchedule(1, 10**6))
 
     def plain_step(optimizer):
         out = model(**batch)

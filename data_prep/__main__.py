@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.config import BuildConfig, DataPrepError
-from data_prep.config_cli import add_config_arguments
+from data_prep.config import BuildConfig
+from data_prep.config_cli import InputError, add_config_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from data_prep.inspect_shards import inspect_output
             inspect_output(args.output, args.samples, args.verify)
-    except DataPrepError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

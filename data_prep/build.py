@@ -104,19 +104,23 @@ def _build_unit(task: tuple[int, str]) -> dict:
     counts = ReadCounts()
     stats = dict.fromkeys(TOTAL_KEYS + ("empty_documents",), 0)
     documents = read_documents(Path(source), w.config.format, counts)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shard_schema(w.id_dtype)) as writer:
-        for chunk_index, texts in enumerate(_batched(documents, w.config.chunk_documents)):
-            tokens, sentence_lengths = _tokenize(texts, w.encoder, w.id_dtype)
-            rng = random.Random(f"{w.config.seed}:{index}:{chunk_index}")
-            pairs = list(create_pairs(sentence_lengths, rng, w.config.max_seq_length, w.config.short_seq_prob))
-            if pairs:
-                batch = pairs_to_batch(tokens, pairs, w.cls_id, w.sep_id)
-                writer.write_batch(batch)
-                stats["num_tokens"] += len(batch.column(0).values)
-            stats["documents"] += len(sentence_lengths)
-            stats["empty_documents"] += len(texts) - len(sentence_lengths)
-            stats["num_samples"] += len(pairs)
-            stats["random_next"] += sum(p.is_random_next for p in pairs)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shard_schema(w.id_dtype)) as writer:
+            for chunk_index, texts in enumerate(_batched(documents, w.config.chunk_documents)):
+                tokens, sentence_lengths = _tokenize(texts, w.encoder, w.id_dtype)
+                rng = random.Random(f"{w.config.seed}:{index}:{chunk_index}")
+                pairs = list(create_pairs(sentence_lengths, rng, w.config.max_seq_length, w.config.short_seq_prob))
+                if pairs:
+                    batch = pairs_to_batch(tokens, pairs, w.cls_id, w.sep_id)
+                    writer.write_batch(batch)
+                    stats["num_tokens"] += len(batch.column(0).values)
+                stats["documents"] += len(sentence_lengths)
+                stats["empty_documents"] += len(texts) - len(sentence_lengths)
+                stats["num_samples"] += len(pairs)
+                stats["random_next"] += sum(p.is_random_next for p in pairs)
+    except BaseException:  # a file that fails half-way (or a kill) leaves no partial shard behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, shard)
     stats = {"file": shard.name, "source": source, "sha256": file_sha256(shard), "bytes": shard.stat().st_size,
              **stats, **asdict(counts)}
@@ -156,6 +160,9 @@ def build(config: BuildConfig) -> dict | None:
     files = resolve_inputs(config.input, config.format)
     tokenizer_path = str(Path(config.tokenizer or default_tokenizer()).resolve())
     tokenizer, _ = open_tokenizer(tokenizer_path)
+    if config.max_seq_length > tokenizer.model_max_length:  # (unset: a huge number)
+        raise DataPrepError(f"--max-seq-length {config.max_seq_length}: above the {tokenizer.model_max_length} "
+                            f"positions of the tokenizer's model ({tokenizer_path})")
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     _write_or_check_plan(output, {
@@ -226,6 +233,8 @@ def merge(output: Path) -> dict:
         raise DataPrepError(f"{output}: {len(missing)} of {len(sources)} shards not built yet (first: "
                             f"{shard_name(missing[0])} from {sources[missing[0]]}); run their partitions first")
     units = [read_json(output / stats_name(i)) for i in range(len(sources))]
+    if not sum(u["num_samples"] for u in units):
+        raise DataPrepError(f"{output}: nothing built: {why_empty(units, plan['args']['format'])}")
     manifest = {
         **plan,
         "shards": [{k: u[k] for k in ("file", "source", "num_samples", "num_tokens", "sha256")} for u in units],
@@ -234,6 +243,20 @@ def merge(output: Path) -> dict:
     }
     write_json(output / MANIFEST, manifest)
     return manifest
+
+
+def why_empty(units: list[dict], fmt: str) -> str:
+    """Why a build made no sample: what its files held, and the likely cause."""
+    documents = sum(u["documents"] for u in units)
+    counts = ", ".join(f"{sum(u[k] for u in units)} {k.replace('_', ' ')}" for k in SKIPPED_KEYS if sum(u[k] for u in units))
+    bad_lines = [f"{u['source']}:{line}" for u in units for line in u.get("first_bad_lines", [])][:5]
+    if documents:
+        return f"{documents} documents gave no sentence pair (too few sentences?)"
+    if bad_lines:
+        return (f"no jsonl line is an object with a string 'text' field ({sum(u['malformed_documents'] for u in units)} "
+                f"malformed lines, first: {', '.join(bad_lines)})")
+    return (f"0 documents in {len(units)} file(s){f' ({counts})' if counts else ''}: is --format {fmt} right "
+            f"for these files (compressed files must be decompressed first)?")
 
 
 def summary_line(manifest: dict) -> str:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from data_prep.config_cli import InputError, check_output_dir
 
 FORMATS = ("wikiextractor", "jsonl", "parquet", "text")
 
 
-class DataPrepError(Exception):
-    """Bad input or settings: the CLI prints `error: <message>` and exits with status 2."""
+class DataPrepError(InputError):
+    """Bad input or settings of data prep: the CLI prints `error: <message>` and exits with status 2."""
 
 
 @dataclass
@@ -54,6 +55,7 @@ class BuildConfig:
             raise DataPrepError(f"--workers {self.workers}: must be >= 0")
         if not 0 <= self.partition_index < self.num_partitions:
             raise DataPrepError(f"--partition-index {self.partition_index}: must be in [0, --num-partitions {self.num_partitions})")
+        check_output_dir(self.output, "--output")
 
     def content_args(self) -> dict:
         """The settings the shards depend on, recorded in manifest.json (not workers, partitions or

@@ -11,6 +11,7 @@ import argparse
 import ast
 import inspect
 import json
+import os
 import textwrap
 import types
 import typing
@@ -19,6 +20,30 @@ from pathlib import Path
 from typing import Any
 
 T = typing.TypeVar("T")
+
+
+class InputError(ValueError):
+    """Bad input or settings (a flag, a config file, a data file): every entry point prints
+    `error: <message>` (one line naming the flag, file or line) and exits with status 2."""
+
+
+def refuse_invalid(config: Any, checks: dict[str, tuple[bool, str]]) -> None:
+    """InputError for the first field whose check is False: `--field-name <message> (got <value>)`."""
+    for name, (ok, message) in checks.items():
+        if not ok:
+            raise InputError(f"--{name.replace('_', '-')} {message} (got {getattr(config, name)!r})")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Refuse an output dir that cannot be created or written (an existing file, a file on the way, a
+    read-only or foreign dir) before any work, not with a traceback at the first write. Creates nothing."""
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == target else f"cannot be created: {existing} is a file"
+        raise InputError(f"{flag} {path}: {where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {existing} is not writable")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool = False,
@@ -52,20 +77,34 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
     return cls(**(values | flags | fixed))
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any], paths: tuple[str, ...] = (),
+                   keep: tuple[str, ...] = ()) -> list[str]:
+    """"--name old -> new" for each field of `new` but `keep` whose value differs from `old`'s: what a rerun
+    over an earlier run's output changed. Fields in `paths` are compared as real paths (the same dir given
+    relative or absolute, from another working directory, is no change)."""
+    def real(name: str, value: Any) -> Any:
+        return os.path.realpath(value) if name in paths and value else value
+
+    return [f"--{name.replace('_', '-')} {old.get(name)!r} -> {value!r}" for name, value in new.items()
+            if name not in keep and real(name, old.get(name)) != real(name, value)]
+
+
 def read_config_file(path: Path, cls: type) -> dict[str, Any]:
     """The JSON object in `path`, its keys checked against the fields of `cls`: unknown or mistyped keys
     are errors naming the file and the field, not a silently ignored setting."""
     try:
         values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the config: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the config: {e}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: the config must be a JSON object of fields, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     known = sorted(f.name for f in fields(cls))
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"{path}: unknown field {key!r}; known: {known}")
+            raise InputError(f"{path}: unknown field {key!r}; known: {known}")
         if not _json_value_fits(value, hints[key]):
-            raise ValueError(f"{path}: field {key!r} must be {_unwrap_optional(hints[key])[0].__name__}, got {value!r}")
+            raise InputError(f"{path}: field {key!r} must be {_unwrap_optional(hints[key])[0].__name__}, got {value!r}")
     return values
 
 

@@ -5,21 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from data_prep.build import open_tokenizer, summary_line
 from data_prep.config import DataPrepError
-from data_prep.shards import MANIFEST, file_sha256, read_json
+from data_prep.shards import MANIFEST, file_sha256, read_manifest, read_shard
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
 
 
 def inspect_output(output: str, num_samples: int, verify: bool = False) -> None:
-    path = Path(output) / MANIFEST
-    if not path.exists():
-        raise DataPrepError(f"{path}: not found (build not finished? after partitions: python -m data_prep merge {output})")
-    manifest = read_json(path)
+    manifest = read_manifest(Path(output))
     tok = manifest["tokenizer"]
     print(f"{output}: {summary_line(manifest)}")
     print(f"tokenizer {tok['path']} (vocab {tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}), "
@@ -29,15 +25,19 @@ def inspect_output(output: str, num_samples: int, verify: bool = False) -> None:
         verify_checksums(Path(output), manifest)
     lengths = []
     for shard in manifest["shards"]:
-        with pa.memory_map(str(Path(output) / shard["file"])) as source:
-            ids = pa.ipc.open_stream(source).read_all().column("input_ids")
-            lengths.append(ids.combine_chunks().value_lengths().to_numpy(zero_copy_only=False))
+        ids = read_shard(Path(output), shard).column("input_ids")
+        lengths.append(ids.combine_chunks().value_lengths().to_numpy(zero_copy_only=False))
     _print_histogram(np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32), manifest["max_seq_length"])
     _print_samples(Path(output), manifest, num_samples)
 
 
 def verify_checksums(output: Path, manifest: dict) -> None:
-    """Every shard's sha256 equals manifest.json's, or a DataPrepError naming the first shard that differs."""
+    """Every shard's sha256 equals manifest.json's and the totals are the sums of its shards' counts, or a
+    DataPrepError naming the first shard or total that differs."""
+    for key in ("num_samples", "num_tokens"):
+        if manifest["totals"].get(key) != sum(shard[key] for shard in manifest["shards"]):
+            raise DataPrepError(f"{output / MANIFEST}: totals.{key} {manifest['totals'].get(key)} is not the sum over "
+                                f"its shards (edited after the build?)")
     for shard in manifest["shards"]:
         path = output / shard["file"]
         if not path.is_file():
@@ -60,8 +60,7 @@ def _print_samples(output: Path, manifest: dict, num_samples: int) -> None:
     if not shards or num_samples <= 0:
         return
     tokenizer, _ = open_tokenizer(manifest["tokenizer"]["path"])
-    with pa.memory_map(str(output / shards[0]["file"])) as source:
-        rows = pa.ipc.open_stream(source).read_all().slice(0, num_samples).to_pylist()
+    rows = read_shard(output, shards[0]).slice(0, num_samples).to_pylist()
     for i, row in enumerate(rows):
         print(f"--- sample {i} of {shards[0]['file']} (is_random_next={row['is_random_next']}, {len(row['input_ids'])} tokens)")
         print(tokenizer.decode(row["input_ids"]))

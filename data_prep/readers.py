@@ -12,10 +12,11 @@ import html
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.config import DataPrepError
@@ -26,6 +27,7 @@ _TITLE = re.compile(r'title="([^"]*)"')
 # Invalid UTF-8 is decoded with surrogateescape (one lone surrogate per bad byte), then counted
 # and replaced by U+FFFD here.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+FIRST_BAD_LINES = 5  # line numbers of malformed jsonl lines kept per file, to say where they are
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ReadCounts:
     """Bytes of invalid UTF-8, each replaced by U+FFFD."""
     stray_lines: int = 0
     """Non-empty WikiExtractor lines outside any `<doc>`, skipped."""
+    first_bad_lines: list[int] = field(default_factory=list)
+    """Line numbers of the first malformed jsonl lines (up to FIRST_BAD_LINES)."""
 
 
 def resolve_inputs(patterns: list[str], fmt: str) -> list[Path]:
@@ -47,7 +51,7 @@ def resolve_inputs(patterns: list[str], fmt: str) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and _wanted(p, fmt))
+            found = sorted(p for p in Path(pattern).rglob("*") if _wanted(p, fmt) and _is_input_file(p))
         elif os.path.isfile(pattern):
             found = [Path(pattern)]
         else:
@@ -61,6 +65,13 @@ def resolve_inputs(patterns: list[str], fmt: str) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def _is_input_file(path: Path) -> bool:
+    """A file inside an --input dir; a symlink to nothing there is an error, as a missing file given by name."""
+    if path.is_symlink() and not path.exists():
+        raise DataPrepError(f"{path}: dangling symlink (to {os.readlink(path)})")
+    return path.is_file()
+
+
 def _wanted(path: Path, fmt: str) -> bool:
     return not path.name.startswith(".") and (fmt not in _SUFFIXES or path.name.endswith(_SUFFIXES[fmt]))
 
@@ -69,6 +80,8 @@ def read_documents(path: Path, fmt: str, counts: ReadCounts) -> Iterator[str]:
     """Documents of one file, streamed; counts what was repaired or skipped."""
     try:
         yield from _READERS[fmt](path, counts)
+    except DataPrepError:
+        raise
     except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid on a corrupt parquet file
         raise DataPrepError(f"{path}: cannot read as {fmt}: {e}") from None
 
@@ -120,7 +133,7 @@ def _wiki_body(lines: list[str], title: str, counts: ReadCounts) -> str:
 def read_jsonl(path: Path, counts: ReadCounts) -> Iterator[str]:
     """One JSON object per line with a str `text` field; other lines are counted as malformed."""
     with _open_text(path) as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
@@ -131,6 +144,8 @@ def read_jsonl(path: Path, counts: ReadCounts) -> Iterator[str]:
                 yield _repair(text, counts)
             else:
                 counts.malformed_documents += 1
+                if len(counts.first_bad_lines) < FIRST_BAD_LINES:
+                    counts.first_bad_lines.append(number)
 
 
 def read_parquet(path: Path, counts: ReadCounts) -> Iterator[str]:
@@ -138,6 +153,9 @@ def read_parquet(path: Path, counts: ReadCounts) -> Iterator[str]:
     parquet = pq.ParquetFile(path)
     if "text" not in parquet.schema_arrow.names:
         raise DataPrepError(f"{path}: no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+    kind = parquet.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataPrepError(f"{path}: column 'text' holds {kind}, not strings")
     for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
         for text in batch.column(0).to_pylist():
             if text is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_prep.config import DataPrepError
 from data_prep.pairs import Pair
 
 MANIFEST = "manifest.json"
@@ -84,3 +85,37 @@ def write_json(path: Path, obj: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+MANIFEST_KEYS = ("tokenizer", "max_seq_length", "shards", "totals", "skipped")
+
+
+def read_manifest(directory: Path) -> dict:
+    """A shard dir's manifest.json, checked: JSON, this format and version, the keys readers use."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataPrepError(f"{path}: not found (build shards with `python -m data_prep build`; after partitions: "
+                            f"python -m data_prep merge {directory})")
+    try:
+        manifest = read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataPrepError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (FORMAT_NAME, FORMAT_VERSION):
+        raise DataPrepError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise DataPrepError(f"{path}: lacks {', '.join(missing)}")
+    return manifest
+
+
+def read_shard(directory: Path, entry: dict) -> pa.Table:
+    """One shard of the manifest, memory-mapped, its row count checked against the manifest's."""
+    path = Path(directory) / entry["file"]
+    try:
+        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowException) as e:  # missing, truncated, not an Arrow stream
+        raise DataPrepError(f"{path}: cannot read the shard ({e}); rebuild it (the same build command redoes "
+                            f"shards whose stats file is deleted)") from None
+    if table.num_rows != entry["num_samples"]:
+        raise DataPrepError(f"{path}: {table.num_rows} samples but {MANIFEST} says {entry['num_samples']}")
+    return table

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 
 SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")
+# The parts of a tokenizer.json that decide the ids of a text.
+TEXT_TO_IDS = ("normalizer", "pre_tokenizer", "model", "added_tokens", "post_processor")
 
 
 def packaged_teacher_dir() -> Path | None:
@@ -46,9 +48,12 @@ def special_ids(tokenizer) -> dict[str, int | None]:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id) and the special ids.
+    """sha256 of everything that maps a text to ids: the fast tokenizer's normalizer (lower-casing, accent
+    stripping), pre-tokenizer, model (vocabulary, merges, unknown token), added tokens and post-processor,
+    plus the special ids; not its truncation, padding (data prep switches them off) or decoder.
 
-    Two tokenizers with the same fingerprint map every text to the same ids, so shards built
-    with one can be fed to a teacher that uses the other."""
-    payload = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), "special": special_ids(tokenizer)}
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+    Two tokenizers with the same fingerprint map every text to the same ids, so shards built with one can
+    be fed to a teacher that uses the other (a cased and an uncased tokenizer of one vocabulary differ)."""
+    pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
+    payload = {"tokenizer": {part: pipeline.get(part) for part in TEXT_TO_IDS}, "special": special_ids(tokenizer)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()

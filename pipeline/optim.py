@@ -2,7 +2,11 @@
 parameter groups and the LR schedule."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, warmup_steps: int,
-                 total_steps: int, eps: float = 1e-8):
-    """The DeepSpeed engine over `model`, with AdamW on `param_groups` and the `lr_factor` schedule (the
-    engine steps both at accumulation boundaries).
+def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, schedule: "LinearSchedule",
+                 eps: float = 1e-8):
+    """The DeepSpeed engine over `model`, with AdamW on `param_groups` and `schedule` (the engine steps both
+    at accumulation boundaries).
 
     AdamW is torch's fused one: one kernel over all tensors, on CPUs too, where it steps a 28M-parameter
     student 4.7x faster than the default per-tensor loop (BENCHMARKS.md). fp32 ZeRO-0 on a single rank
@@ -33,19 +37,81 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     import torch.distributed as dist
 
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=eps, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    # A lambda, not the schedule object: LambdaLR checkpoints a callable object's attributes and would load
+    # the old schedule back over an extended one on resume.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     plain_fp32 = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     if plain_fp32 and dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False
     return engine
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps` (reaching 1 at the last warmup step), then linear decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+@dataclasses.dataclass(frozen=True)
+class LinearSchedule:
+    """The learning-rate factor of optimizer step `step` (0-based): linear warmup over `warmup_steps`
+    (reaching 1 at the last warmup step), then linear decay from `decay_from` at `decay_start` (default: the
+    end of warmup) to 0 at `total_steps`. A fresh run decays from 1; `extended` moves the end of a running
+    schedule without a jump in the rate."""
+
+    warmup_steps: int
+    total_steps: int
+    decay_start: int = 0
+    decay_from: float = 1.0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        start = max(self.decay_start, self.warmup_steps)
+        return self.decay_from * max(0.0, (self.total_steps - step) / max(1, self.total_steps - start))
+
+    def extended(self, step: int, total_steps: int) -> "LinearSchedule":
+        """This schedule after `step` steps, now ending at `total_steps`: the factor at `step` is kept and
+        decays linearly from there to 0 (warmup, if not over yet, ends as before)."""
+        if total_steps == self.total_steps:
+            return self
+        start = max(step, self.warmup_steps)
+        return dataclasses.replace(self, total_steps=total_steps, decay_start=start, decay_from=self.factor(start))
+
+
+def check_finite(values: dict[str, float], step: int, what: str = "loss") -> None:
+    """Stop on a NaN/Inf loss (or metric), naming the step and every value (fp16 overflow is the loss
+    scaler's job: it skips the step on infinite gradients, but the loss itself is finite then)."""
+    if not all(math.isfinite(v) for v in values.values()):
+        shown = ", ".join(f"{name}={value:g}" for name, value in values.items())
+        raise FloatingPointError(f"non-finite {what} at step {step}: {shown}; lower --lr or check the data")
+
+
+def init_distributed() -> None:
+    """deepspeed.init_distributed with this accelerator's backend (gloo on CPUs, nccl on GPUs), saying so on
+    rank 0 when DeepSpeed is about to compile its CPU shared-memory op (~40 s, once per extensions dir),
+    which it otherwise does silently."""
+    import sys
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # where torch would keep the built op
+
+    accelerator = get_accelerator()
+    builder = accelerator.create_op_builder("ShareMemCommBuilder") if accelerator.device_name() == "cpu" else None
+    if builder is not None and int(os.environ.get("RANK", "0")) == 0:
+        built = Path(_get_build_directory(builder.NAME, verbose=False)) / f"{builder.NAME}.so"
+        if not built.exists():
+            print(f"note: DeepSpeed compiles its {builder.NAME} op on this first run (~40 s; kept in {built.parent})",
+                  file=sys.stderr)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def init_single_process() -> None:
+    """Without a launcher, make this process rank 0 of 1 on a free local port, as the deepspeed launcher
+    would (DeepSpeed would otherwise look for MPI)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
 
 
 def read_deepspeed_config(path: str | Path, owned_keys: dict[str, str], command: str) -> dict[str, Any]:

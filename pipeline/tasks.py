@@ -7,16 +7,25 @@ the task's set is an error naming the file and line, never skipped.
 from __future__ import annotations
 
 import csv
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_prep.config_cli import InputError
 
 csv.field_size_limit(sys.maxsize)  # some GLUE sentences exceed csv's default 128 KiB field limit
 
 CONLL_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 
 
-class DataError(ValueError):
+# Invalid UTF-8 is read with surrogateescape (one lone surrogate per bad byte), so that it can be reported
+# with its line number instead of a UnicodeDecodeError somewhere in a buffer.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+class DataError(InputError):
     """A task file that cannot be read: the message starts with `file:line:`."""
 
 
@@ -118,21 +127,34 @@ def find_task_dir(data_dir: str | Path, task: Task) -> Path:
 
 
 def read_split(task: Task, path: str | Path) -> list[Example] | list[TaggedSentence]:
-    """Read one train or dev file of the task."""
+    """Read one train or dev file of the task; one without examples (e.g. only a header) is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (task {task.name})")
-    return read_conll(task, path) if task.kind == "token" else read_tsv(task, path)
+    examples = read_conll(task, path) if task.kind == "token" else read_tsv(task, path)
+    if not examples:
+        raise DataError(f"{path}: no examples (task {task.name})")
+    return examples
+
+
+def _open_text(path: Path):
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _check_utf8(text: str, path: Path, line: int) -> None:
+    if _ESCAPED_BYTE.search(text):
+        raise DataError(f"{path}:{line}: invalid UTF-8")
 
 
 def read_tsv(task: Task, path: Path) -> list[Example]:
     """GLUE tsv: tab-separated, no quoting (fields may start with a literal quote), BOM tolerated."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _open_text(path) as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(rows, None) if task.header else None
         if task.header:
             if header is None:
                 raise DataError(f"{path}:1: empty file, expected a header line")
+            _check_utf8("\t".join(header), path, 1)
             missing = [c for c in (*task.text_columns, task.label_column) if c not in header]
             if missing:
                 raise DataError(f"{path}:1: header lacks column(s) {missing} of task {task.name}; got {header}")
@@ -143,6 +165,7 @@ def read_tsv(task: Task, path: Path) -> list[Example]:
         examples = []
         for row in rows:
             line = rows.line_num
+            _check_utf8("\t".join(row), path, line)
             if len(row) != width:
                 raise DataError(f"{path}:{line}: expected {width} tab-separated fields, got {len(row)}")
             texts = [row[c] for c in columns[:-1]]
@@ -154,9 +177,12 @@ def read_tsv(task: Task, path: Path) -> list[Example]:
 def _parse_label(task: Task, value: str, path: Path, line: int) -> int | float:
     if task.kind == "regression":
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
-            raise DataError(f"{path}:{line}: label {value!r} is not a number (task {task.name} is a regression)") from None
+            score = math.nan
+        if not math.isfinite(score):  # float() also reads "nan" and "inf", which would make every metric NaN
+            raise DataError(f"{path}:{line}: label {value!r} is not a finite number (task {task.name} is a regression)")
+        return score
     if value not in task.labels:
         raise DataError(f"{path}:{line}: label {value!r} is not one of task {task.name}'s labels {task.labels}")
     return task.labels.index(value)
@@ -167,8 +193,9 @@ def read_conll(task: Task, path: Path) -> list[TaggedSentence]:
 
     Tags must be IOB2: an I-X tag may only follow B-X or I-X (IOB1 files must be converted first)."""
     sentences, words, labels, previous = [], [], [], "O"
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for line_number, line in enumerate(f, start=1):
+            _check_utf8(line, path, line_number)
             fields = line.split()
             if not fields or fields[0] == "-DOCSTART-":
                 if words:

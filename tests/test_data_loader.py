@@ -62,13 +62,13 @@ def test_reads_every_sample_across_shards(shards):
 
 
 def test_refuses_bad_manifest_and_counts(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(ValueError, match="manifest.json: not found"):
         ShardDataset(tmp_path)
     write_shards(tmp_path, [3])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["shards"][0]["num_samples"] = 4
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"shard-00000.arrow: 3 samples but the manifest says 4"):
+    with pytest.raises(ValueError, match=r"shard-00000.arrow: 3 samples but manifest.json says 4"):
         ShardDataset(tmp_path)
     manifest["format"] = "other"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

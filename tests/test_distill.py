@@ -17,7 +17,7 @@ from launcher import free_port
 from data_prep.config_cli import field_docs
 from pipeline import distill
 from pipeline.distill import DistillConfig, parse_config
-from pipeline.optim import lr_factor, param_groups
+from pipeline.optim import LinearSchedule, check_finite, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["--teacher", "t", "--shards", "s"]
@@ -25,8 +25,9 @@ REQUIRED = ["--teacher", "t", "--shards", "s"]
 
 def test_lr_schedule_by_hand():
     # 2 warmup steps of 10: 1/2, 2/2, then (10 - s) / 8 down to 1/8 at the last step.
-    assert [lr_factor(s, 2, 10) for s in range(10)] == [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]
-    assert lr_factor(0, 0, 4) == 1.0 and lr_factor(4, 0, 4) == 0.0
+    assert [LinearSchedule(2, 10).factor(s) for s in range(10)] == [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8,
+                                                                    2 / 8, 1 / 8]
+    assert LinearSchedule(0, 4).factor(0) == 1.0 and LinearSchedule(0, 4).factor(4) == 0.0
 
 
 def test_config_precedence_defaults_file_flags(tmp_path):
@@ -138,7 +139,8 @@ def tiny_moe():
     from pipeline.model import Student, StudentConfig
 
     torch.manual_seed(0)
-    return Student(StudentConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, num_experts=4))
+    return Student(StudentConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, num_experts=4),
+                   deepspeed_moe=True)
 
 
 def test_param_groups_split_decay_and_experts():
@@ -180,9 +182,9 @@ def test_starved_experts_over_the_window():
 
 def test_non_finite_loss_names_the_step():
     names = distill.LOSS_PARTS["minilm"]
-    distill.check_finite(torch.tensor([0.5, 0.4, 0.5, 0.6, 0.01]), 3, names)
+    check_finite(dict(zip(names, [0.5, 0.4, 0.5, 0.6, 0.01])), 3)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 17: loss=nan, qq=0.4, kk=inf"):
-        distill.check_finite(torch.tensor([float("nan"), 0.4, float("inf"), 0.6, 0.01]), 17, names)
+        check_finite(dict(zip(names, [float("nan"), 0.4, float("inf"), 0.6, 0.01])), 17)
 
 
 class FakeEngine:
@@ -212,7 +214,7 @@ def test_engine_steps_like_a_plain_torch_loop(stage, deepspeed_rank0):
     reference = copy.deepcopy(model)
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.5,
           "zero_optimization": {"stage": stage}}
-    engine = build_engine(model, ds, lr=1e-2, weight_decay=0.1, warmup_steps=2, total_steps=4)
+    engine = build_engine(model, ds, lr=1e-2, weight_decay=0.1, schedule=LinearSchedule(2, 4))
     assert engine.enable_backward_allreduce == (stage != 0)
     decay = [p for p in reference.parameters() if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -381,7 +383,8 @@ def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_wi
     capsys.readouterr()
     assert run_in_process(monkeypatch, [*common, "--output", str(resumed), "--resume", "--objective", "minilm",
                                          "--relation-heads", "12"]) == 2
-    assert "the checkpoint was trained with --objective tinybert, not minilm" in capsys.readouterr().err
+    assert ("step-00000002: --resume cannot change the distillation: --objective 'tinybert' -> 'minilm'; "
+            "--relation-heads 32 -> 12 (only") in capsys.readouterr().err
 
     # Export: a plain student dir, without the training-only projection, whose weights are the run's.
     export(full, tmp_path / "model")

@@ -285,7 +285,7 @@ def test_grid_and_clipping_defaults_are_the_authors():
     config = config_from_args(FinetuneConfig, args)
     assert (config.lr, config.batch_size, config.max_grad_norm) == ([2e-5, 3e-5], [16, 32], 5.0)
     assert deepspeed_config(None, 16, config.max_grad_norm)["gradient_clipping"] == 5.0
-    with pytest.raises(ValueError, match="need eval_every >= 0, patience >= 0"):
+    with pytest.raises(ValueError, match=r"--patience must be >= 0 \(0: never stop early\) \(got -1\)"):
         FinetuneConfig("M", "rte", "D", "O", patience=-1)
 
 

@@ -74,7 +74,7 @@ def test_errors_name_the_task_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"dev.tsv:1: header lacks column\(s\) \['sentence'\] of task sst2"):
         read_split(get_task("sst2"), bad)  # RTE file given for SST-2
     bad.write_text("sentence1\tsentence2\tscore\nx\ty\tfive\n")
-    with pytest.raises(DataError, match=r"dev.tsv:2: label 'five' is not a number"):
+    with pytest.raises(DataError, match=r"dev.tsv:2: label 'five' is not a finite number"):
         read_split(get_task("stsb"), bad)
     conll = tmp_path / "valid.txt"
     conll.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects\n")

@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         if suite_command:
             models, tasks = args.model, args.tasks
             del args.model, args.tasks
-            for name in tasks or []:
-                get_task(name)
             table = suite(config_from_args(FinetuneConfig, args, model="", task=""), models, tasks)
             if is_main_process():
                 print(table)
@@ -59,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             get_task(args.task)
             results = finetune(config_from_args(FinetuneConfig, args))
             if is_main_process():
-                print(json.dumps({"task": results["task"], "metrics": results["metrics"], "model_dir": results["model_dir"]}, indent=2))
-    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+                print(json.dumps({key: results[key] for key in ("task", "metrics", "majority_baseline", "model_dir")},
+                                 indent=2))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # InputError is a ValueError
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, FloatingPointError) else 2  # a NaN/Inf loss or metric: diverged, not bad input
     return 0

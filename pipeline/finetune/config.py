@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_prep.config_cli import check_output_dir, refuse_invalid
 from pipeline.optim import read_deepspeed_config
 
 # `--grid` without explicit lists. The authors' finetuning scripts use lr 3e-5 with batch 16 on RTE and MRPC
@@ -11,6 +12,7 @@ from pipeline.optim import read_deepspeed_config
 # those values. The released code holds no wider search space.
 GRID_LR = (2e-5, 3e-5)
 GRID_BATCH_SIZE = (16, 32)
+DEFAULT_LR, DEFAULT_BATCH_SIZE = (5e-5,), (32,)
 
 
 @dataclass
@@ -29,16 +31,16 @@ class FinetuneConfig:
     """The task's folder, or a folder holding it as TASK/ or glue/TASK/."""
     output: str
     """Output dir: results.json, model/ (the best evaluation), tensorboard/; runs/ for a grid."""
-    lr: list[float] = field(default_factory=lambda: [5e-5])
-    """Peak learning rate(s) of AdamW; several values form a grid."""
-    batch_size: list[int] = field(default_factory=lambda: [32])
+    lr: list[float] | None = None
+    """Peak learning rate(s) of AdamW; several values form a grid (default: 5e-5, or the grid's with --grid)."""
+    batch_size: list[int] | None = None
     """Micro batch size(s) per process (overrides the ds_config's); under the launcher the global batch
-    is this x processes."""
+    is this x processes (default: 32, or the grid's with --grid)."""
     seed: list[int] = field(default_factory=lambda: [42])
     """Random seed(s): head init, dropout, data order."""
     grid: bool = False
-    """Grid over lr 2e-5, 3e-5 x batch 16, 32 x the seeds (the authors' values), unless --lr / --batch-size
-    list values; keep the best dev run."""
+    """Grid over lr 2e-5, 3e-5 x batch 16, 32 x the seeds (the authors' values); an explicit --lr or
+    --batch-size replaces the grid's values for that axis. The best dev run is kept."""
     epochs: float = 3.0
     """Training epochs (fractions allowed); the authors train up to 10 with early stopping."""
     eval_every: int = 0
@@ -67,13 +69,24 @@ class FinetuneConfig:
     """DeepSpeed JSON config (e.g. ds_configs/zero2.json); default: ZeRO-0 fp32."""
 
     def __post_init__(self) -> None:
-        if self.grid:
-            self.lr = self.lr if len(self.lr) > 1 else list(GRID_LR)
-            self.batch_size = self.batch_size if len(self.batch_size) > 1 else list(GRID_BATCH_SIZE)
-        if not 0 <= self.kd_alpha <= 1 or self.temperature <= 0 or self.epochs <= 0 or not 0 <= self.warmup < 1:
-            raise ValueError("need 0 <= kd_alpha <= 1, temperature > 0, epochs > 0 and 0 <= warmup < 1")
-        if self.eval_every < 0 or self.patience < 0 or self.max_grad_norm < 0:
-            raise ValueError("need eval_every >= 0, patience >= 0 and max_grad_norm >= 0 (0 = per epoch / none)")
+        # None = not given: explicit values win over the grid's
+        self.lr = self.lr or list(GRID_LR if self.grid else DEFAULT_LR)
+        self.batch_size = self.batch_size or list(GRID_BATCH_SIZE if self.grid else DEFAULT_BATCH_SIZE)
+        refuse_invalid(self, {
+            "lr": (all(v > 0 for v in self.lr), "must be > 0"),
+            "batch_size": (all(v >= 1 for v in self.batch_size), "must be >= 1"),
+            "epochs": (self.epochs > 0, "must be > 0"),
+            "eval_every": (self.eval_every >= 0, "must be >= 0 (0: each epoch)"),
+            "patience": (self.patience >= 0, "must be >= 0 (0: never stop early)"),
+            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0: no clipping)"),
+            "warmup": (0 <= self.warmup < 1, "must be in [0, 1)"),
+            "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+            "max_seq_length": (self.max_seq_length >= 2, "must be >= 2 ([CLS] and [SEP])"),
+            "max_train_examples": (self.max_train_examples is None or self.max_train_examples >= 1, "must be >= 1"),
+            "kd_alpha": (0 <= self.kd_alpha <= 1, "must be in [0, 1]"),
+            "temperature": (self.temperature > 0, "must be > 0"),
+        })
+        check_output_dir(self.output, "--output")
 
 
 # ds_config keys that finetune's flags own: a config setting them is refused rather than ignored.

@@ -6,9 +6,10 @@ import dataclasses
 import itertools
 import math
 import os
+import json
 import random
 import shutil
-import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,38 +21,70 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from data_prep.config_cli import InputError
 from data_prep.shards import write_json
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.finetune.config import FinetuneConfig, deepspeed_config
 from pipeline.finetune.data import collate, load_task_data
 from pipeline.finetune.scoring import evaluate, majority_baseline
 from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
+from pipeline.model_files import check_max_seq_length, loading, read_model_config
 from pipeline.objectives import logit_kd_loss, task_loss
-from pipeline.optim import build_engine
-from pipeline.tasks import DataError, Task, get_task
+from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
+from pipeline.tasks import Task, get_task
+
+# How a config.json names a finetuned head: transformers' architectures suffix per task kind (our students'
+# earlier format wrote a `task_head` kind instead).
+HEAD_SUFFIX = {"classification": "ForSequenceClassification", "regression": "ForSequenceClassification",
+               "token": "ForTokenClassification"}
+LEGACY_HEAD_SUFFIX = {"sequence_classification": "ForSequenceClassification",
+                      "token_classification": "ForTokenClassification"}
 
 
 def build_model(model_dir: str | Path, task: Task) -> tuple[torch.nn.Module, object]:
     """(model with the task's head, fast tokenizer) from a student dir or a Hugging Face dir."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json (expected an exported student or a Hugging Face model dir)")
+    read_model_config(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
-    if is_student_dir(model_dir):
-        head = StudentForTokenClassification if task.kind == "token" else StudentForSequenceClassification
-        model = head.from_pretrained(model_dir, num_labels=task.num_labels)
-    else:
-        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    with loading(model_dir):
+        if is_student_dir(model_dir):
+            head = StudentForTokenClassification if task.kind == "token" else StudentForSequenceClassification
+            model = head.from_pretrained(model_dir, num_labels=task.num_labels, deepspeed_moe=True)  # the training path
+        else:
+            from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-        auto = AutoModelForTokenClassification if task.kind == "token" else AutoModelForSequenceClassification
-        model = auto.from_pretrained(str(model_dir), num_labels=task.num_labels, trust_remote_code=False)
+            auto = AutoModelForTokenClassification if task.kind == "token" else AutoModelForSequenceClassification
+            model = auto.from_pretrained(str(model_dir), num_labels=task.num_labels, trust_remote_code=False)
     return model, tokenizer
+
+
+def check_finetuned_for(teacher_dir: str, task: Task) -> None:
+    """A KD teacher must hold a head finetuned for the task: loaded without one, it would get a random head
+    without a word (or fail on the shapes with another label count). Its run's results.json, when next to
+    it (RUN/model), must name the task."""
+    config = read_model_config(teacher_dir)
+    legacy = config.get("task_head")
+    if legacy:
+        heads, labels = [LEGACY_HEAD_SUFFIX.get(legacy.get("kind"), "")], legacy.get("num_labels")
+    else:  # transformers leaves id2label out of config.json when it is the default of 2 labels
+        heads, labels = config.get("architectures") or [], len(config.get("id2label") or {0: 0, 1: 1})
+    suffix = HEAD_SUFFIX[task.kind]
+    if not any(h.endswith(suffix) for h in heads):
+        raise InputError(f"--teacher {teacher_dir}: not finetuned for {task.name} (no *{suffix} head in its "
+                        f"config.json); finetune it first: minimoe-finetune --model {teacher_dir} --task {task.name} ...")
+    if labels != task.num_labels:
+        raise InputError(f"--teacher {teacher_dir}: its head has {labels} labels, task {task.name} has {task.num_labels}")
+    run_results = Path(teacher_dir).parent / "results.json"
+    trained_on = json.loads(run_results.read_text()).get("task") if run_results.is_file() else None
+    if trained_on not in (None, task.name):
+        raise InputError(f"--teacher {teacher_dir}: finetuned for {trained_on} ({run_results}), not {task.name}")
 
 
 def load_teacher(teacher_dir: str | None, task: Task, tokenizer) -> torch.nn.Module | None:
     """The frozen finetuned teacher of task-specific KD (None without --teacher); it must share the tokenizer."""
     if teacher_dir is None:
         return None
+    check_finetuned_for(teacher_dir, task)
     teacher, teacher_tokenizer = build_model(teacher_dir, task)
     if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the student's; KD needs the same ids")
@@ -83,16 +116,6 @@ def kd_loss(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor, labe
 def is_main_process() -> bool:
     """Rank 0, or the only process; the launcher's RANK is known before torch.distributed is up."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def init_single_process() -> None:
-    """Without a launcher, make this process rank 0 of 1 (DeepSpeed would otherwise look for MPI)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def evaluation_steps(total_steps: int, steps_per_epoch: int, eval_every: int) -> set[int]:
@@ -138,50 +161,52 @@ def training_batches(loader: DataLoader, sampler: DistributedSampler) -> Iterato
 def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, output: Path) -> dict:
     """Train one (lr, batch, seed), scoring dev on `evaluation_steps`; model/ holds the best evaluation's
     weights. Returns the results, also written to output/results.json."""
-    import deepspeed
     from torch.utils.tensorboard import SummaryWriter
 
     task = get_task(config.task)
+    for model_dir in filter(None, (config.model, config.teacher)):
+        check_max_seq_length(config.max_seq_length, model_dir)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     model, tokenizer = build_model(config.model, task)
     teacher = load_teacher(config.teacher, task, tokenizer)
     data = load_task_data(task, config.data_dir, tokenizer, config.max_seq_length, config.max_train_examples)
-    if not data.train:
-        raise DataError(f"{config.data_dir}: task {task.name} has no training examples")
 
     init_single_process()
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
     engine = build_engine(model, deepspeed_config(config.deepspeed_config, batch_size, config.max_grad_norm), lr,
-                          config.weight_decay, max(1, int(config.warmup * total_steps)), total_steps)
+                          config.weight_decay, LinearSchedule(max(1, int(config.warmup * total_steps)), total_steps))
     if teacher is not None:
         teacher.to(engine.device)
 
     writer = SummaryWriter(str(output / "tensorboard")) if rank == 0 else None
     scored_at = evaluation_steps(total_steps, len(loader), config.eval_every)
     selection, examples, started = Selection(config.patience), 0, time.time()
-    progress = tqdm(total=total_steps, desc=f"{task.name} lr={lr:g} bs={batch_size} seed={seed}", disable=rank != 0)
-    for step, batch in enumerate(training_batches(loader, sampler), start=1):
-        engine.train()
-        loss, aux = train_step(engine, teacher, task, batch, config)
-        examples += len(batch["labels"]) * world
-        progress.update()
-        if writer and step % 10 == 0:
-            log_scalars(writer, step, {"train/loss": loss.item(), "train/aux_loss": aux.item(), "train/lr": engine.get_lr()[0]})
-        if step in scored_at:
-            evaluation = evaluate(engine.module, task, data, 2 * batch_size, tokenizer.pad_token_id, step)
-            if writer:
-                log_scalars(writer, step, {f"dev/{name}/{metric}": value for name, metrics in evaluation["metrics"].items()
-                                           for metric, value in metrics.items()})
-            if selection.add(evaluation) and rank == 0:
-                save_model(engine.module, tokenizer, output / "model")
-            progress.set_postfix(dev=f"{evaluation['score']:.2f}", best=f"{selection.best['score']:.2f}")
-        if step == total_steps or (step in scored_at and selection.should_stop()):
-            break
-    progress.close()
+    description = f"{task.name} lr={lr:g} bs={batch_size} seed={seed}"
+    with tqdm(total=total_steps, desc=description, disable=rank != 0) as progress:  # closed before an error prints
+        for step, batch in enumerate(training_batches(loader, sampler), start=1):
+            engine.train()
+            loss, aux = train_step(engine, teacher, task, batch, config)
+            check_finite({"loss": loss.item(), "aux": aux.item()}, step)
+            examples += len(batch["labels"]) * world
+            progress.update()
+            if writer and step % 10 == 0:
+                log_scalars(writer, step, {"train/loss": loss.item(), "train/aux_loss": aux.item(), "train/lr": engine.get_lr()[0]})
+            if step in scored_at:
+                evaluation = evaluate(engine.module, task, data, 2 * batch_size, tokenizer.pad_token_id, step)
+                scores = {f"dev/{name}/{metric}": value for name, metrics in evaluation["metrics"].items()
+                          for metric, value in metrics.items()}
+                check_finite(scores, step, what="dev metric")
+                if writer:
+                    log_scalars(writer, step, scores)
+                if selection.add(evaluation) and rank == 0:
+                    save_model(engine.module, tokenizer, output / "model")
+                progress.set_postfix(dev=f"{evaluation['score']:.2f}", best=f"{selection.best['score']:.2f}")
+            if step == total_steps or (step in scored_at and selection.should_stop()):
+                break
     seconds = time.time() - started
     best = selection.best
     results = {
@@ -198,6 +223,9 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     if rank == 0:
         write_json(output / "results.json", results)
         writer.close()
+        first = next(iter(task.dev_files))
+        print(f"{task.name}: best dev {task.metrics[0]} {best['score']:.2f} at step {best['step']} (majority-class "
+              f"baseline {results['majority_baseline'][first][task.metrics[0]]:.2f})", file=sys.stderr)
     torch.distributed.barrier()  # the other ranks see results.json before they look for it (suite resume)
     return results
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import sys
 from pathlib import Path
 
+from data_prep.config_cli import changed_fields
 from data_prep.shards import write_json
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.run import is_main_process, train_run
-from pipeline.tasks import PAPER_COLUMNS, TASKS, find_task_dir, get_task
+from pipeline.tasks import PAPER_COLUMNS, TASKS, Task, find_task_dir, get_task
 
 # The paper's column headers (Table 2); the columns follow the order of TASKS, with the GLUE score after
 # the last task it averages.
@@ -73,31 +75,75 @@ def results_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines + [""] + notes + ["", "CoLA is not part of the paper's GLUE score."]) + "\n"
 
 
-def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) -> str:
-    """Finetune every model on every task whose data is present (existing results.json are reused,
-    so an interrupted suite resumes), then write results.md and results.json under config.output."""
-    output, rows, summary = Path(config.output), {}, {}
-    for spec in models:
-        name, _, model = spec.rpartition("=")  # "NAME=DIR" names the row; a bare DIR is named after its folder
+def row_models(specs: list[str]) -> dict[str, str]:
+    """--model values -> {row name: model dir}. "NAME=DIR" names the row, a bare DIR is named after its folder;
+    two rows of one name are refused (they would share one run dir and the second would never be trained)."""
+    rows: dict[str, str] = {}
+    for spec in specs:
+        name, _, model = spec.rpartition("=")
         name = name or Path(model).name
+        if name in rows:
+            raise ValueError(f"--model: two models named {name!r} ({rows[name]} and {model}); name the rows: NAME=DIR")
+        rows[name] = model
+    return rows
+
+
+def present_tasks(data_dir: str, names: list[str] | None) -> tuple[list[tuple[Task, Path]], list[str]]:
+    """(the tasks to run with their folders, why each other task is skipped). A task asked for by --tasks
+    whose files are missing is an error; with the default (every task) it is skipped and reported."""
+    found, skipped = [], []
+    for name in names or TASKS:
+        task = get_task(name)
+        try:
+            folder = find_task_dir(data_dir, task)
+            missing = [f for f in (task.train_file, *task.dev_files.values()) if not (folder / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder}: no {', '.join(missing)}")
+        except FileNotFoundError as e:
+            if names:
+                raise
+            skipped.append(f"{task.name} ({e})")
+            continue
+        found.append((task, folder))
+    if not found:
+        raise FileNotFoundError(f"--data-dir {data_dir}: no task has its files there: {'; '.join(skipped)}")
+    return found, skipped
+
+
+def reuse_or_train(run: FinetuneConfig, run_dir: Path) -> dict:
+    """The run's results: an existing results.json trained with the same recipe (its `config`, the output dir
+    aside; the suite resumes), or a new run. One of another recipe is refused rather than redone: redoing
+    would silently replace results that may have cost hours, for what may be a mistyped flag."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return finetune(run)
+    results = json.loads(path.read_text())
+    changed = changed_fields(results.get("config", {}), dataclasses.asdict(run),
+                             paths=("model", "data_dir", "teacher", "deepspeed_config"), keep=("output",))
+    if changed:
+        raise ValueError(f"{path}: trained with another recipe ({'; '.join(changed)}); use another --output, "
+                         f"or delete {run_dir} to retrain")
+    return results
+
+
+def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) -> str:
+    """Finetune every model on every task whose data is present (existing results.json of the same recipe
+    are reused, so an interrupted suite resumes), then write results.md and results.json under config.output."""
+    output, rows, summary = Path(config.output), {}, {}
+    planned, skipped = present_tasks(config.data_dir, tasks)
+    if skipped and is_main_process():
+        print(f"skipped {len(skipped)} task(s): {'; '.join(skipped)}", file=sys.stderr)
+    for name, model in row_models(models).items():
         results = {}
-        for task_name in tasks or TASKS:
-            task = get_task(task_name)
-            try:
-                folder = find_task_dir(config.data_dir, task)
-            except FileNotFoundError:
-                continue
-            if not all((folder / f).is_file() for f in (task.train_file, *task.dev_files.values())):
-                continue  # e.g. QNLI: dev only
+        for k, (task, folder) in enumerate(planned, start=1):
+            if is_main_process():
+                print(f"{name}: task {k}/{len(planned)} {task.name}", file=sys.stderr)
             run_dir = output / name / task.name
-            if (run_dir / "results.json").is_file():
-                results[task.name] = json.loads((run_dir / "results.json").read_text())
-                continue
             run = dataclasses.replace(config, model=model, task=task.name, data_dir=str(folder), output=str(run_dir))
-            results[task.name] = finetune(run)
+            results[task.name] = reuse_or_train(run, run_dir)
         rows[name] = paper_numbers(results)
         summary[name] = {"numbers": rows[name], "glue_score": glue_score(rows[name])[0]}
-    table = results_table(rows)
+    table = results_table(rows) + "".join(f"\nSkipped: {s}" for s in skipped) + ("\n" if skipped else "")
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.md").write_text(table)
