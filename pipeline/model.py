@@ -1,18 +1,20 @@
-"""MiniLM / MiniMoE students: a BERT-style encoder whose FFNs are dense or DeepSpeed MoE blocks.
+"""MiniLM / MiniMoE students: a BERT-style encoder whose FFNs are dense or mixtures of experts.
 
 The student and its task heads are transformers models (`StudentConfig` is a `PreTrainedConfig` with its
 own model_type, the models are `PreTrainedModel`s registered with the Auto classes at the end of this
 file): save_pretrained / from_pretrained are transformers' own (config.json + model.safetensors).
 
 One code path for dense and MoE students: every layer's FFN returns (output, aux loss, expert counts);
-the dense FFN returns a zero aux loss and no counts. MoE blocks are DeepSpeed's classic
-`deepspeed.moe.layer.MoE` with one expert = one dense FFN of the student's size, so a MiniMoE student
-has the dense student's per-token compute and ~E x its FFN parameters (paper Sec. 3.2). Expert
-parallelism is applied from outside: build with `config.ep_size = N`, then `deepspeed.initialize`
-creates the expert-parallel groups. With ep_size 1 no process group is needed at all.
+the dense FFN returns a zero aux loss and no counts. One expert = one dense FFN of the student's size, so
+a MiniMoE student has the dense student's per-token compute and ~E x its FFN parameters (paper Sec. 3.2).
+MoE blocks are plain torch (TorchMoE, for one process: a loaded model needs no DeepSpeed) or, built with
+`deepspeed_moe=True` for training in the engine, DeepSpeed's classic `deepspeed.moe.layer.MoE`; both route
+with the same Router and share one state dict. Expert parallelism is applied from outside: build with
+`config.ep_size = N`, then `deepspeed.initialize` creates the expert-parallel groups.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -311,39 +313,55 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def router(config: StudentConfig, num_experts: int) -> nn.Module:
-    """The routing gate: DeepSpeed's TopKGate with the authors' biased Linear and logit jitter, so that it plugs
-    into DeepSpeed's MoE layer (capacity-padded dispatch, expert parallelism) and into the sorted dispatch."""
-    from deepspeed.moe.sharded_moe import TopKGate, multiplicative_jitter, top1gating, top2gating
+class Router(nn.Module):
+    """The authors' routing gate in plain torch: a biased Linear(H, E) and the training-time noise. DeepSpeed's MoE
+    layer takes it through `deepspeed_router`, which adds DeepSpeed's gate interface to these methods."""
 
-    class Router(TopKGate):
+    def __init__(self, config: StudentConfig, num_experts: int):
+        super().__init__()
+        self.init_routing(config, num_experts)
+
+    def init_routing(self, config: StudentConfig, num_experts: int) -> None:
+        self.wg = nn.Linear(config.hidden_size, num_experts, bias=config.router_bias)
+        self.noisy_gate_policy, self.jitter = config.router_noise, config.router_jitter
+
+    def logits(self, x: torch.Tensor, noisy: bool = True) -> torch.Tensor:
+        """(S, H) tokens -> (S, E) fp32 routing logits, with the training-time Jitter / LogitJitter noise
+        unless not `noisy`. (The authors add U[1 - eps, 1 + eps]; the constant 1 cancels in the softmax.)"""
+        noise = self.noisy_gate_policy if self.training and noisy else None
+        x = x.float()
+        if noise == "Jitter":  # DeepSpeed's multiplicative_jitter, draw for draw
+            x = x * torch.distributions.Uniform(*x.new_tensor([1 - 1e-2, 1 + 1e-2])).rsample(x.shape)
+        bias = None if self.wg.bias is None else self.wg.bias.float()
+        logits = F.linear(x, self.wg.weight.float(), bias)
+        if noise == "LogitJitter":
+            logits = logits + torch.empty_like(logits).uniform_(-self.jitter, self.jitter)
+        return logits
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1: -> gate probabilities (S, E), chosen expert (S,); RSample picks argmax(logits + Gumbel) (DeepSpeed's
+        gumbel_rsample, draw for draw)."""
+        probs = logits.softmax(-1)
+        if self.training and self.noisy_gate_policy == "RSample":
+            gumbel = torch.distributions.Gumbel(*logits.new_tensor([0.0, 1.0]))
+            return probs, (logits + gumbel.rsample(logits.shape)).argmax(-1)
+        return probs, probs.argmax(-1)
+
+
+def deepspeed_router(config: StudentConfig, num_experts: int) -> nn.Module:
+    """The Router as DeepSpeed's TopKGate, so that it plugs into DeepSpeed's MoE layer (capacity-padded dispatch,
+    expert parallelism) as well as into the sorted dispatch."""
+    from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating
+
+    class DeepSpeedRouter(TopKGate):
+        init_routing, logits, choose = Router.init_routing, Router.logits, Router.choose
+
         def __init__(self):
             super().__init__(config.hidden_size, num_experts, k=config.top_k, capacity_factor=config.capacity_factor,
                              eval_capacity_factor=config.capacity_factor, min_capacity=0,
                              noisy_gate_policy=config.router_noise, drop_tokens=config.drop_tokens,
                              use_rts=config.drop_tokens)
-            self.wg = nn.Linear(config.hidden_size, num_experts, bias=config.router_bias)
-            self.jitter = config.router_jitter
-
-        def logits(self, x: torch.Tensor, noisy: bool = True) -> torch.Tensor:
-            """(S, H) tokens -> (S, E) fp32 routing logits, with the training-time Jitter / LogitJitter noise
-            unless not `noisy`. (The authors add U[1 - eps, 1 + eps]; the constant 1 cancels in the softmax.)"""
-            noise = self.noisy_gate_policy if self.training and noisy else None
-            x = multiplicative_jitter(x.float(), device=x.device) if noise == "Jitter" else x.float()
-            bias = None if self.wg.bias is None else self.wg.bias.float()
-            logits = F.linear(x, self.wg.weight.float(), bias)
-            if noise == "LogitJitter":
-                logits = logits + torch.empty_like(logits).uniform_(-self.jitter, self.jitter)
-            return logits
-
-        def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Top-1: -> gate probabilities (S, E), chosen expert (S,); RSample picks argmax(logits + Gumbel)."""
-            from deepspeed.moe.sharded_moe import gumbel_rsample
-
-            probs = logits.softmax(-1)
-            if self.training and self.noisy_gate_policy == "RSample":
-                return probs, (logits + gumbel_rsample(logits.shape, device=logits.device)).argmax(-1)
-            return probs, probs.argmax(-1)
+            self.init_routing(config, num_experts)
 
         def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
                     use_tutel: bool = False):
@@ -357,7 +375,7 @@ def router(config: StudentConfig, num_experts: int) -> nn.Module:
             return top2gating(logits, capacity, self.min_capacity, self.drop_tokens, self.ep_group,
                               self.top2_2nd_expert_sampling, sparse_routes)
 
-    return Router()
+    return DeepSpeedRouter()
 
 
 def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None):
@@ -374,42 +392,72 @@ def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None
     return choice, probs.gather(1, choice[:, None]), l_aux, counts
 
 
-def moe_feed_forward(config: StudentConfig, num_experts: int | None = None) -> nn.Module:
-    """DeepSpeed's classic MoE block with `num_experts` copies of FeedForward (re-initialised by Student)."""
+def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: torch.Tensor | None):
+    """Top-1 MoE FFN on one rank, nothing dropped: `moe.gate` routes (route_top1), tokens are grouped by a stable
+    sort by expert and each group goes through its expert of `moe.experts.deepspeed_experts`; no capacity padding,
+    nothing exchanged. -> (output like hidden_states, l_aux, tokens per expert (E,))."""
+    x = hidden_states.reshape(-1, hidden_states.size(-1))  # (S, H)
+    choice, gate_value, l_aux, counts = route_top1(moe.gate, x, used_token)
+    experts = moe.experts.deepspeed_experts
+    # Sort tokens by expert; padding (used_token 0) gets the extra id E and sorts last, unrouted.
+    expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, len(experts))
+    order = torch.sort(expert_of, stable=True)[1]
+    *chunks, padding = x.index_select(0, order).split(counts.tolist() + [x.size(0) - int(counts.sum())])
+    out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)] + [torch.zeros_like(padding)])
+    # Back to token order, scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
+    y = torch.empty_like(out).index_copy_(0, order, out) * gate_value
+    moe.l_aux, moe.exp_counts = l_aux, counts
+    return y.to(x.dtype).view_as(hidden_states), l_aux, counts
+
+
+class TorchMoE(nn.Module):
+    """The MoE FFN in plain torch, for inference and training in one process without DeepSpeed: top-1 routing
+    with sorted dispatch, as DeepSpeed's layer computes it on one rank. Its modules carry the names of DeepSpeed's
+    layer (deepspeed_moe.gate, deepspeed_moe.experts.deepspeed_experts.E), so both share one state dict."""
+
+    def __init__(self, config: StudentConfig, num_experts: int):
+        super().__init__()
+        if config.top_k != 1 or config.drop_tokens:
+            raise ValueError(f"the plain-torch MoE routes top-1 without dropping tokens (got top_k {config.top_k}, "
+                             f"drop_tokens {config.drop_tokens}); build the student with deepspeed_moe=True")
+        self.deepspeed_moe = nn.Module()
+        self.deepspeed_moe.gate = Router(config, num_experts)
+        self.deepspeed_moe.experts = nn.Module()
+        expert = FeedForward(config)  # copies, as DeepSpeed's layer makes them (re-initialised by Student)
+        self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
+
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
+        return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token)
+
+
+def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deepspeed_moe: bool = False) -> nn.Module:
+    """`num_experts` (default: the config's) copies of FeedForward (re-initialised by Student) behind a router: the
+    plain-torch TorchMoE, or with `deepspeed_moe` DeepSpeed's classic MoE layer (the engine's training path:
+    expert parallelism, MoE parameter groups, expert checkpoints)."""
+    num_experts = num_experts or config.num_experts
+    if not deepspeed_moe:
+        return TorchMoE(config, num_experts)
     from deepspeed.moe.layer import MoE  # imported here: importing deepspeed costs ~3 s
 
     class SortedDispatchMoE(MoE):
-        """deepspeed.moe.layer.MoE whose local top-1, no-drop case dispatches by sorting tokens by expert.
+        """deepspeed.moe.layer.MoE whose local top-1, no-drop case takes the sorted dispatch.
 
         DeepSpeed's dispatch pads every expert to a common capacity and copies tokens through
         (E, C, H) buffers; with one expert-parallel rank and nothing dropped there is nothing to pad
-        or exchange, so tokens are grouped by a stable sort instead (BENCHMARKS.md, "Models"). The
-        routing, noise, aux loss and counts are DeepSpeed's top1gating, step for step; with ep_size > 1,
-        token dropping or top-2 the DeepSpeed path runs."""
+        or exchange (BENCHMARKS.md, "Models"). The routing, noise, aux loss and counts are DeepSpeed's
+        top1gating, step for step; with ep_size > 1, token dropping or top-2 the DeepSpeed path runs."""
 
         def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
             gate = self.deepspeed_moe.gate
             if self.ep_size > 1 or gate.drop_tokens or gate.k != 1:
                 return super().forward(hidden_states, used_token)
-            x = hidden_states.reshape(-1, hidden_states.size(-1))  # (S, H)
-            choice, gate_value, l_aux, counts = route_top1(gate, x, used_token)
-            # Sort tokens by expert; padding (used_token 0) gets the extra id E and sorts last, unrouted.
-            expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, self.num_experts)
-            order = torch.sort(expert_of, stable=True)[1]
-            *chunks, padding = x.index_select(0, order).split(counts.tolist() + [x.size(0) - int(counts.sum())])
-            experts = self.deepspeed_moe.experts.deepspeed_experts
-            out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)] + [torch.zeros_like(padding)])
-            # Back to token order, scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
-            y = torch.empty_like(out).index_copy_(0, order, out) * gate_value
-            self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts = l_aux, counts
-            return y.to(x.dtype).view_as(hidden_states), l_aux, counts
+            return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token)
 
-    num_experts = num_experts or config.num_experts
     block = SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts,
                               ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
                               eval_capacity_factor=config.capacity_factor, min_capacity=0,
                               drop_tokens=config.drop_tokens, use_rts=config.drop_tokens)
-    block.deepspeed_moe.gate = router(config, num_experts)
+    block.deepspeed_moe.gate = deepspeed_router(config, num_experts)
     return block
 
 
@@ -420,7 +468,7 @@ class ExpertAttention(nn.Module):
 
     def __init__(self, config: StudentConfig):
         super().__init__()
-        self.router = router(dataclasses.replace(config, drop_tokens=False, top_k=1), config.attention_experts)
+        self.router = Router(config, config.attention_experts)
         self.experts = nn.ModuleList(SelfAttention(config) for _ in range(config.attention_experts))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
@@ -478,11 +526,11 @@ def moefy_init(experts: list[tuple[list[nn.Linear], list[nn.Linear]]], unit: int
 class TransformerLayer(nn.Module):
     """Post-LayerNorm BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, config: StudentConfig):
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
         super().__init__()
         self.attention = ExpertAttention(config) if config.attention_experts > 1 else SelfAttention(config)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = moe_feed_forward(config) if config.num_experts > 1 else FeedForward(config)
+        self.ffn = moe_feed_forward(config, deepspeed_moe=deepspeed_moe) if config.num_experts > 1 else FeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -609,12 +657,16 @@ def gather_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> dic
 
 
 class Student(StudentPreTrainedModel):
-    """The student encoder. forward -> StudentOutput (hidden states, Q/K/V of one layer, aux loss, counts)."""
+    """The student encoder. forward -> StudentOutput (hidden states, Q/K/V of one layer, aux loss, counts).
 
-    def __init__(self, config: StudentConfig):
+    MoE FFNs are plain torch (TorchMoE: one process, no DeepSpeed needed, what from_pretrained / AutoModel build),
+    or with `deepspeed_moe=True` DeepSpeed's MoE layer, the training path inside the engine; the two compute the
+    same and share one state dict."""
+
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
         super().__init__(config)
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, deepspeed_moe) for _ in range(config.num_layers))
         for path, rank in (config.ffn_ranks or {}).items():
             linear = self.ffn_linears().get(path)
             if not isinstance(linear, nn.Linear):
@@ -697,12 +749,12 @@ class _TaskHead(StudentPreTrainedModel):
 
     kind: str = ""
 
-    def __init__(self, config: StudentConfig):
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
         super().__init__(config)
         if config.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {config.num_labels}")
         self.num_labels = config.num_labels
-        self.student = Student(config)
+        self.student = Student(config, deepspeed_moe)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
@@ -724,8 +776,8 @@ class StudentForSequenceClassification(_TaskHead):
 
     kind = "sequence_classification"
 
-    def __init__(self, config: StudentConfig):
-        super().__init__(config)
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
+        super().__init__(config, deepspeed_moe)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.post_init()
 
@@ -738,8 +790,8 @@ class StudentForTokenClassification(_TaskHead):
 
     kind = "token_classification"
 
-    def __init__(self, config: StudentConfig):
-        super().__init__(config)
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
+        super().__init__(config, deepspeed_moe)
         self.post_init()
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def main(step_dir: Path, shards: Path, out: Path) -> None:
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     state = checkpoint.read_trainer_state(step_dir)
     config = dataclasses.replace(StudentConfig.from_dict(state["student"]), dropout=0.0)
-    engine, *_ = deepspeed.initialize(model=Student(config), config={"train_micro_batch_size_per_gpu": 4})
+    engine, *_ = deepspeed.initialize(model=Student(config, deepspeed_moe=True), config={"train_micro_batch_size_per_gpu": 4})
     engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_module_only=True)
     engine.eval()
     dataset = ShardDataset(shards)

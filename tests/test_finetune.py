@@ -114,7 +114,7 @@ def tiny_moe_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny_moe")
     torch.manual_seed(0)
     config = StudentConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=len(tokenizer), num_experts=4)
-    Student(config).save_pretrained(path)
+    Student(config, deepspeed_moe=True).save_pretrained(path)  # the training path's random init
     tokenizer.save_pretrained(str(path))
     return path
 
