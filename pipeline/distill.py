@@ -187,7 +187,7 @@ def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
 
 
 def student_config(cfg: DistillConfig, tokenizer):
-    """The StudentConfig: preset or file, shape flags, the teacher's vocabulary, ep_size."""
+    """The StudentConfig: preset or file, shape flags, the teacher's vocabulary; experts that --ep-size divides."""
     from pipeline.model import StudentConfig
 
     shape = {"num_layers": cfg.layers, "hidden_size": cfg.hidden, "num_heads": cfg.heads, "num_experts": cfg.experts,
@@ -198,29 +198,41 @@ def student_config(cfg: DistillConfig, tokenizer):
     if cfg.router_noise is not None:
         overrides["router_noise"] = None if cfg.router_noise == "none" else cfg.router_noise
     overrides.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                     cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, ep_size=cfg.ep_size)
+                     cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
     if cfg.student_config is None:
-        return StudentConfig.from_preset(cfg.student, **{"num_experts": 4, **overrides})
+        config = StudentConfig.from_preset(cfg.student, **{"num_experts": 4, **overrides})
+    else:
+        config = StudentConfig.from_dict({**file_student_fields(cfg, overrides), **overrides}, source=cfg.student_config)
+    if config.num_experts % cfg.ep_size:
+        raise ValueError(f"num_experts {config.num_experts} must be >= 1 and a multiple of ep_size {cfg.ep_size}")
+    return config
+
+
+def file_student_fields(cfg: DistillConfig, overrides: dict) -> dict:
+    """--student-config's fields, with the values that follow a changed shape flag back to their defaults."""
+    from pipeline.model import StudentConfig
+
     values = StudentConfig.load(cfg.student_config).student_dict()
     if cfg.hidden is not None and cfg.hidden != values["hidden_size"]:
         values["intermediate_size"] = None  # back to 4 x the new hidden size
     if cfg.experts is not None and "relation_projection" not in overrides:
         values["relation_projection"] = None  # back to the default for the new expert count
-    return StudentConfig.from_dict({**values, **overrides}, source=cfg.student_config)
+    return values
 
 
-def build_student(config, seed: int):
-    """The student with the same initial weights whatever ep_size: build all experts once (same seed on
-    every rank), keep this rank's. Without this, every expert-parallel rank would draw the same local
-    experts, and expert e and e + E/ep_size would start identical."""
+def build_student(config, seed: int, ep_size: int = 1):
+    """The training-path student (DeepSpeed's MoE layer, experts over `ep_size` ranks) with the same initial
+    weights whatever ep_size: build all experts once (same seed on every rank), keep this rank's. Without this,
+    every expert-parallel rank would draw the same local experts, and expert e and e + E/ep_size would start
+    identical."""
     from pipeline.model import Student, localize_experts
 
     torch.manual_seed(seed)
-    full = Student(dataclasses.replace(config, ep_size=1), deepspeed_moe=True)
-    if config.ep_size == 1:
+    full = Student(config, deepspeed_moe=True)
+    if ep_size == 1:
         return full
-    student = Student(config, deepspeed_moe=True)
-    student.load_state_dict(localize_experts(full.state_dict(), config))
+    student = Student(config, deepspeed_moe=True, ep_size=ep_size)
+    student.load_state_dict(localize_experts(full.state_dict(), config.num_experts, ep_size))
     return student
 
 
@@ -519,7 +531,7 @@ def distill(cfg: DistillConfig) -> None:
     config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
     check_lengths(shards, cfg.teacher, config.max_position_embeddings)
     check_heads(cfg, config, teacher)
-    student = build_student(config, cfg.seed)
+    student = build_student(config, cfg.seed, cfg.ep_size)
     if cfg.objective == "tinybert":  # the RNG goes on from build_student's seed: the same W_h on every rank
         student.add_module(PROJECTION, torch.nn.Linear(config.hidden_size, teacher.hidden_size))
     loader = ShardLoader(shards, cfg.micro_batch_size, rank, world, cfg.seed)

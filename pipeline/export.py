@@ -4,7 +4,7 @@ DeepSpeed writes a MoE model as one file of non-expert weights (mp_rank_00_model
 file per expert with its GLOBAL id (layer_{L}_expert_{E}_mp_rank_00_model_states.pt), whichever
 expert-parallel rank held it; zero_to_fp32.py does not understand those files, so this merges them
 itself. The result (config.json + model.safetensors + tokenizer, via transformers' save_pretrained) loads
-in one process with ep_size 1; training-only parts (MiniMoE's relation projection, TinyBERT's W_h) are
+in one process whatever ep_size it was trained with; training-only parts (MiniMoE's relation projection, TinyBERT's W_h) are
 dropped, so a MiniMoE 3L;384H exports 27.88 M of its 28.32 M distillation-time parameters. In a bf16/fp16 run the weights are the engine's half-precision module
 weights, saved as fp32.
 """
@@ -53,7 +53,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
 
     step_dir = step_dir_of(checkpoint_path)
     state = checkpoint.read_trainer_state(step_dir)
-    config = StudentConfig.from_dict({**state["student"], "ep_size": 1, "relation_projection": False},
+    config = StudentConfig.from_dict({**state["student"], "relation_projection": False},
                                      source=str(step_dir / checkpoint.TRAINER_STATE))
     student = Student(config)
     weights = merged_state_dict(step_dir)

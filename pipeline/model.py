@@ -10,7 +10,8 @@ a MiniMoE student has the dense student's per-token compute and ~E x its FFN par
 MoE blocks are plain torch (TorchMoE, for one process: a loaded model needs no DeepSpeed) or, built with
 `deepspeed_moe=True` for training in the engine, DeepSpeed's classic `deepspeed.moe.layer.MoE`; both route
 with the same Router and share one state dict. Expert parallelism is applied from outside: build with
-`config.ep_size = N`, then `deepspeed.initialize` creates the expert-parallel groups.
+`Student(config, deepspeed_moe=True, ep_size=N)` (a launch setting, not saved), then `deepspeed.initialize`
+creates the expert-parallel groups.
 """
 from __future__ import annotations
 
@@ -111,9 +112,6 @@ class StudentConfig(PreTrainedConfig):
     distilled from, so that every layer's FFN gets distillation gradient (the authors' MiniMoE); None = on
     for MoE students, off for dense ones (which use the last layer's own Q/K/V, as the authors' MiniLM).
     Training-only: export drops it."""
-    ep_size: int = 1
-    """Expert-parallel degree (ranks sharing one layer's experts); experts must divide by it. A saved model
-    always holds all experts, and loads with ep_size 1 unless told otherwise."""
     aux_loss_weight: float = 0.01
     """Weight of the load-balancing loss (Switch/GShard l_aux), averaged over MoE layers (the authors'; with
     attention experts, the mean of the attention and the FFN averages)."""
@@ -134,9 +132,7 @@ class StudentConfig(PreTrainedConfig):
         problems = [message for ok, message in [
             (self.hidden_size % self.num_heads == 0,
              f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"),
-            (self.ep_size >= 1, f"ep_size {self.ep_size} must be >= 1"),
-            (self.num_experts >= 1 and self.num_experts % max(self.ep_size, 1) == 0,
-             f"num_experts {self.num_experts} must be >= 1 and a multiple of ep_size {self.ep_size}"),
+            (self.num_experts >= 1, f"num_experts {self.num_experts} must be >= 1"),
             (1 <= self.top_k <= min(2, self.num_experts), f"top_k {self.top_k} must be 1 or 2 and <= num_experts"),
             (self.router_noise in ROUTER_NOISE, f"router_noise {self.router_noise!r} must be one of {ROUTER_NOISE}"),
             (self.expert_init in ("moefy", "independent"),
@@ -165,7 +161,7 @@ class StudentConfig(PreTrainedConfig):
         values = dict(config_dict)
         if values.get("model_type") == STUDENT_MODEL_TYPE:
             values = {**LEGACY_FIELDS, **values}
-        values["ep_size"] = 1  # a saved model holds every expert, whatever ep_size it was trained with
+        values.pop("ep_size", None)  # a launch setting, which configs held before: a saved model holds every expert
         head = values.pop("task_head", None)
         if head is not None:
             values.update(architectures=[HEAD_CLASSES[head["kind"]]], num_labels=head["num_labels"])
@@ -430,10 +426,11 @@ class TorchMoE(nn.Module):
         return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token)
 
 
-def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deepspeed_moe: bool = False) -> nn.Module:
+def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deepspeed_moe: bool = False,
+                     ep_size: int = 1) -> nn.Module:
     """`num_experts` (default: the config's) copies of FeedForward (re-initialised by Student) behind a router: the
     plain-torch TorchMoE, or with `deepspeed_moe` DeepSpeed's classic MoE layer (the engine's training path:
-    expert parallelism, MoE parameter groups, expert checkpoints)."""
+    expert parallelism over `ep_size` ranks, MoE parameter groups, expert checkpoints)."""
     num_experts = num_experts or config.num_experts
     if not deepspeed_moe:
         return TorchMoE(config, num_experts)
@@ -453,8 +450,8 @@ def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deep
                 return super().forward(hidden_states, used_token)
             return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token)
 
-    block = SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts,
-                              ep_size=config.ep_size, k=config.top_k, capacity_factor=config.capacity_factor,
+    block = SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts, ep_size=ep_size,
+                              k=config.top_k, capacity_factor=config.capacity_factor,
                               eval_capacity_factor=config.capacity_factor, min_capacity=0,
                               drop_tokens=config.drop_tokens, use_rts=config.drop_tokens)
     block.deepspeed_moe.gate = deepspeed_router(config, num_experts)
@@ -526,11 +523,11 @@ def moefy_init(experts: list[tuple[list[nn.Linear], list[nn.Linear]]], unit: int
 class TransformerLayer(nn.Module):
     """Post-LayerNorm BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1):
         super().__init__()
         self.attention = ExpertAttention(config) if config.attention_experts > 1 else SelfAttention(config)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = moe_feed_forward(config, deepspeed_moe=deepspeed_moe) if config.num_experts > 1 else FeedForward(config)
+        self.ffn = moe_feed_forward(config, None, deepspeed_moe, ep_size) if config.num_experts > 1 else FeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -584,8 +581,8 @@ class StudentPreTrainedModel(PreTrainedModel):
 
         With ep_size > 1 every rank of the expert-parallel group must call this (experts are gathered);
         rank 0 writes."""
-        if self.config.ep_size > 1:
-            kwargs.update(state_dict=gather_experts(self.state_dict(), self.config),
+        if self.ep_size > 1:
+            kwargs.update(state_dict=gather_experts(self.state_dict(), self.config.num_experts, self.ep_size),
                           is_main_process=torch.distributed.get_rank() == 0)
         super().save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
@@ -613,18 +610,25 @@ def umask_file_modes(directory: str | os.PathLike) -> None:
             file.chmod(0o666 & ~umask)
 
 
-def _expert_parallel_rank(config: StudentConfig) -> int:
+def check_expert_parallel(config: StudentConfig, deepspeed_moe: bool, ep_size: int) -> None:
+    """Expert parallelism needs DeepSpeed's MoE layer and a degree that divides the experts."""
+    if ep_size < 1 or config.num_experts % ep_size or (ep_size > 1 and not deepspeed_moe):
+        raise ValueError(f"num_experts {config.num_experts} must be >= 1 and a multiple of ep_size {ep_size}, and "
+                         f"ep_size > 1 needs deepspeed_moe=True (got ep_size {ep_size}, deepspeed_moe {deepspeed_moe})")
+
+
+def _expert_parallel_rank(ep_size: int) -> int:
     # DeepSpeed's default layout (use_data_before_expert_parallel_=False): expert groups are
     # consecutive ranks, so the rank inside a group is the global rank modulo ep_size.
-    return torch.distributed.get_rank() % config.ep_size if config.ep_size > 1 else 0
+    return torch.distributed.get_rank() % ep_size if ep_size > 1 else 0
 
 
-def localize_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> dict[str, torch.Tensor]:
+def localize_experts(state: dict[str, torch.Tensor], num_experts: int, ep_size: int) -> dict[str, torch.Tensor]:
     """Global-id expert weights (as saved) -> this rank's local experts (ids 0..E/ep_size-1)."""
-    if config.ep_size == 1:
+    if ep_size == 1:
         return state
-    num_local = config.num_experts // config.ep_size
-    first = _expert_parallel_rank(config) * num_local
+    num_local = num_experts // ep_size
+    first = _expert_parallel_rank(ep_size) * num_local
     local = {}
     for key, value in state.items():
         match = EXPERT_KEY.match(key)
@@ -635,21 +639,21 @@ def localize_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> d
     return local
 
 
-def gather_experts(state: dict[str, torch.Tensor], config: StudentConfig) -> dict[str, torch.Tensor]:
+def gather_experts(state: dict[str, torch.Tensor], num_experts: int, ep_size: int) -> dict[str, torch.Tensor]:
     """This rank's local experts -> all experts with global ids (all-gather over the expert group)."""
-    if config.ep_size == 1:
+    if ep_size == 1:
         return state
     from deepspeed.utils import groups
 
-    group = groups._get_expert_parallel_group(f"ep_size_{config.ep_size}")
-    num_local = config.num_experts // config.ep_size
+    group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+    num_local = num_experts // ep_size
     full = {}
     for key, value in state.items():
         match = EXPERT_KEY.match(key)
         if match is None:
             full[key] = value
             continue
-        pieces = [torch.empty_like(value) for _ in range(config.ep_size)]
+        pieces = [torch.empty_like(value) for _ in range(ep_size)]
         torch.distributed.all_gather(pieces, value.contiguous(), group=group)
         for rank, piece in enumerate(pieces):
             full[f"{match[1]}{rank * num_local + int(match[2])}{match[3]}"] = piece
@@ -660,13 +664,16 @@ class Student(StudentPreTrainedModel):
     """The student encoder. forward -> StudentOutput (hidden states, Q/K/V of one layer, aux loss, counts).
 
     MoE FFNs are plain torch (TorchMoE: one process, no DeepSpeed needed, what from_pretrained / AutoModel build),
-    or with `deepspeed_moe=True` DeepSpeed's MoE layer, the training path inside the engine; the two compute the
-    same and share one state dict."""
+    or with `deepspeed_moe=True` DeepSpeed's MoE layer, the training path inside the engine, its experts spread
+    over `ep_size` ranks (a launch setting, not part of the config); the two compute the same and share one
+    state dict."""
 
-    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1):
         super().__init__(config)
+        check_expert_parallel(config, deepspeed_moe, ep_size)
+        self.ep_size = ep_size
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(TransformerLayer(config, deepspeed_moe) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, deepspeed_moe, ep_size) for _ in range(config.num_layers))
         for path, rank in (config.ffn_ranks or {}).items():
             linear = self.ffn_linears().get(path)
             if not isinstance(linear, nn.Linear):
@@ -749,12 +756,12 @@ class _TaskHead(StudentPreTrainedModel):
 
     kind: str = ""
 
-    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1):
         super().__init__(config)
         if config.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {config.num_labels}")
-        self.num_labels = config.num_labels
-        self.student = Student(config, deepspeed_moe)
+        self.num_labels, self.ep_size = config.num_labels, ep_size
+        self.student = Student(config, deepspeed_moe, ep_size)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
@@ -776,8 +783,8 @@ class StudentForSequenceClassification(_TaskHead):
 
     kind = "sequence_classification"
 
-    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
-        super().__init__(config, deepspeed_moe)
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1):
+        super().__init__(config, deepspeed_moe, ep_size)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.post_init()
 
@@ -790,8 +797,8 @@ class StudentForTokenClassification(_TaskHead):
 
     kind = "token_classification"
 
-    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False):
-        super().__init__(config, deepspeed_moe)
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1):
+        super().__init__(config, deepspeed_moe, ep_size)
         self.post_init()
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:

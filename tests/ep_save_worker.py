@@ -14,8 +14,8 @@ out_dir = Path(sys.argv[-1])  # the launcher puts --local_rank=N first
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 torch.manual_seed(rank)  # each rank's experts differ
-model = Student(StudentConfig(num_layers=2, hidden_size=24, num_heads=2, vocab_size=50, num_experts=4, ep_size=2,
-                              dropout=0.0), deepspeed_moe=True)
+model = Student(StudentConfig(num_layers=2, hidden_size=24, num_heads=2, vocab_size=50, num_experts=4, dropout=0.0),
+                deepspeed_moe=True, ep_size=2)
 for name, param in model.named_parameters():  # replicated (non-expert) parameters equal on all ranks
     if "deepspeed_experts" not in name:
         torch.distributed.broadcast(param.data, 0)

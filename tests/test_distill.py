@@ -126,7 +126,7 @@ def test_student_config_from_preset_flags_and_file(teacher_dir, tmp_path):
     preset = distill.student_config(DistillConfig(teacher="t", shards="s"), tokenizer)
     assert (preset.num_layers, preset.hidden_size, preset.num_experts, preset.vocab_size) == (3, 384, 4, 30522)
     tiny = distill.student_config(DistillConfig(teacher="t", shards="s", layers=2, hidden=64, heads=4, ep_size=2), tokenizer)
-    assert (tiny.num_layers, tiny.hidden_size, tiny.intermediate_size, tiny.num_heads, tiny.ep_size) == (2, 64, 256, 4, 2)
+    assert (tiny.num_layers, tiny.hidden_size, tiny.intermediate_size, tiny.num_heads) == (2, 64, 256, 4)
     file = tmp_path / "student.json"
     file.write_text(json.dumps(StudentConfig(num_layers=4, hidden_size=192, num_experts=1).to_dict()))
     dense = distill.student_config(DistillConfig(teacher="t", shards="s", student_config=str(file)), tokenizer)

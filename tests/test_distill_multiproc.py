@@ -98,7 +98,7 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
 
     reference = torch.load(probe_out, weights_only=True)
     student = Student.from_pretrained(model_dir).eval()
-    assert student.config.ep_size == 1 and student.config.num_experts == 4
+    assert student.ep_size == 1 and student.config.num_experts == 4
     with torch.no_grad():
         out = student(reference["input_ids"], reference["attention_mask"], reference["token_type_ids"])
     torch.testing.assert_close(out.last_hidden_state, reference["hidden"], atol=1e-5, rtol=1e-5)

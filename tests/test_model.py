@@ -38,7 +38,9 @@ def test_config_round_trip_defaults_and_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown StudentConfig field.*'num_expert'"):
         StudentConfig.from_dict({"num_expert": 4})
     with pytest.raises(ValueError, match="num_experts 3 must be >= 1 and a multiple of ep_size 2"):
-        StudentConfig(num_experts=3, ep_size=2)
+        Student(tiny_config(num_experts=3), deepspeed_moe=True, ep_size=2)
+    with pytest.raises(ValueError, match=r"unknown StudentConfig field\(s\) \['ep_size'\]"):  # a launch setting
+        StudentConfig(ep_size=2)
     with pytest.raises(ValueError, match="unknown student preset '5L'"):
         StudentConfig.from_preset("5L")
     assert set(STUDENT_PRESETS) >= {"6L384H", "4L384H", "3L384H", "4L192H"}
@@ -177,9 +179,10 @@ def test_model_saved_with_ep_size_2_loads_in_one_process(tmp_path):
     model = Student(tiny_config(num_experts=4)).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "ep_size": 2}))  # as the engine's export would
+    assert "ep_size" not in config  # a launch setting, not saved
+    (tmp_path / "config.json").write_text(json.dumps({**config, "ep_size": 2}))  # as configs held it before
     loaded = Student.from_pretrained(tmp_path).eval()
-    assert loaded.config.ep_size == 1
+    assert loaded.ep_size == 1 and "ep_size" not in loaded.config.to_dict()
     ids, mask, types = batch()
     torch.testing.assert_close(loaded(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state)
 
@@ -199,11 +202,10 @@ def test_model_dirs_of_the_earlier_format_load(tmp_path):
 
 
 def test_localize_experts_keeps_this_ranks_experts_renumbered(monkeypatch):
-    config = tiny_config(num_experts=4, ep_size=2)
     key = "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.{}.fc1.weight"
     state = {key.format(e): torch.full((1,), float(e)) for e in range(4)} | {"embeddings.x": torch.zeros(1)}
-    monkeypatch.setattr(model_module, "_expert_parallel_rank", lambda config: 1)
-    local = localize_experts(state, config)
+    monkeypatch.setattr(model_module, "_expert_parallel_rank", lambda ep_size: 1)
+    local = localize_experts(state, num_experts=4, ep_size=2)
     assert sorted(local) == sorted([key.format(0), key.format(1), "embeddings.x"])
     assert (local[key.format(0)].item(), local[key.format(1)].item()) == (2.0, 3.0)
 
@@ -269,23 +271,28 @@ def test_sorted_dispatch_equals_deepspeed_dispatch(noise):
 
     torch.manual_seed(0)
     model = Student(tiny_config(num_experts=4, router_noise=noise, relation_projection=False), deepspeed_moe=True).train()
+    sorted_dispatch = training_step(model)
+    for layer in model.layers:
+        layer.ffn.forward = MoE.forward.__get__(layer.ffn)
+    assert_same_step(sorted_dispatch, training_step(model))
+
+
+def training_step(model: Student) -> tuple:
+    """(output, parameter gradients) of one training forward/backward on a fixed batch and router-noise seed."""
     ids, mask, types = batch(lengths=(16, 11, 13))
-    results = []
-    for dispatch in ("sorted", "deepspeed"):
-        for layer in model.layers:
-            if dispatch == "deepspeed":
-                layer.ffn.forward = MoE.forward.__get__(layer.ffn)
-        torch.manual_seed(5)
-        out = model(ids, mask, types)
-        (out.last_hidden_state[mask.bool()].square().mean() + out.aux_loss).backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        results.append((out, grads))
-    (a, grads_a), (b, grads_b) = results
-    real = mask.bool()
-    torch.testing.assert_close(a.last_hidden_state[real], b.last_hidden_state[real], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(a.aux_loss, b.aux_loss)
-    assert [c.tolist() for c in a.expert_counts] == [c.tolist() for c in b.expert_counts]
+    torch.manual_seed(5)
+    out = model(ids, mask, types)
+    (out.last_hidden_state[mask.bool()].square().mean() + out.aux_loss).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return out, grads, mask.bool()
+
+
+def assert_same_step(a: tuple, b: tuple) -> None:
+    (out_a, grads_a, real), (out_b, grads_b, _) = a, b  # (padding positions differ: MoE blocks skip them)
+    torch.testing.assert_close(out_a.last_hidden_state[real], out_b.last_hidden_state[real], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_a.aux_loss, out_b.aux_loss)
+    assert [c.tolist() for c in out_a.expert_counts] == [c.tolist() for c in out_b.expert_counts]
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
 
@@ -316,20 +323,7 @@ def test_plain_torch_moe_equals_deepspeeds_moe_layer(noise):
     plain = Student(config).train()
     plain.load_state_dict(reference.state_dict())
     assert not any(isinstance(m, MoE) for m in plain.modules())
-    ids, mask, types = batch(lengths=(16, 11, 13))
-    results = []
-    for model in (plain, reference):
-        torch.manual_seed(5)
-        out = model(ids, mask, types)
-        (out.last_hidden_state[mask.bool()].square().mean() + out.aux_loss).backward()
-        results.append((out, [p.grad for p in model.parameters()]))
-    (a, grads_a), (b, grads_b) = results
-    real = mask.bool()
-    torch.testing.assert_close(a.last_hidden_state[real], b.last_hidden_state[real], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(a.aux_loss, b.aux_loss)
-    assert [c.tolist() for c in a.expert_counts] == [c.tolist() for c in b.expert_counts]
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+    assert_same_step(training_step(plain), training_step(reference))
 
 
 NO_DEEPSPEED = """
