@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.config import DataPrepError
 from data_prep.pairs import Pair
@@ -116,6 +117,9 @@ def read_shard(directory: Path, entry: dict) -> pa.Table:
     except (OSError, pa.ArrowException) as e:  # missing, truncated, not an Arrow stream
         raise DataPrepError(f"{path}: cannot read the shard ({e}); rebuild it (the same build command redoes "
                             f"shards whose stats file is deleted)") from None
-    if table.num_rows != entry["num_samples"]:
-        raise DataPrepError(f"{path}: {table.num_rows} samples but {MANIFEST} says {entry['num_samples']}")
+    tokens = pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0
+    for what, found in (("samples", table.num_rows), ("tokens", tokens)):
+        expected = entry[f"num_{what}"]
+        if found != expected:
+            raise DataPrepError(f"{path}: {found} {what} but {MANIFEST} says {expected}")
     return table

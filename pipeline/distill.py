@@ -564,15 +564,15 @@ def distill(cfg: DistillConfig) -> None:
                 "student": config.student_dict(), "config": dataclasses.asdict(cfg),
                 "schedule": dataclasses.asdict(schedule), "tokens_seen": log.tokens_seen}
 
-    while step < total_steps:
-        stats = train_step(engine, teacher, loader, cfg, router)
-        step += 1
-        check_finite(dict(zip(LOSS_PARTS[cfg.objective], stats["parts"].tolist())), step)
-        log.record(step, loader.cursor.samples_seen, stats)
-        bar.update(1)
-        if step % cfg.save_every == 0 or step == total_steps:
-            checkpoint.save(engine, root, step, trainer_state(), teacher.tokenizer, cfg.keep)
-    bar.close()
+    with bar:  # closed before an error is printed, so that the error is the last line
+        while step < total_steps:
+            stats = train_step(engine, teacher, loader, cfg, router)
+            step += 1
+            check_finite(dict(zip(LOSS_PARTS[cfg.objective], stats["parts"].tolist())), step)
+            log.record(step, loader.cursor.samples_seen, stats)
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == total_steps:
+                checkpoint.save(engine, root, step, trainer_state(), teacher.tokenizer, cfg.keep)
     log.close()
     if rank == 0:
         print(log.summary(root / checkpoint.tag_for(step)), file=sys.stderr)

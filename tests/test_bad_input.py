@@ -93,9 +93,9 @@ def test_suite_says_which_tasks_it_skips(tmp_path):
     data = sst2_and_rte(tmp_path)
     found, skipped = present_tasks(str(data), None)
     assert [task.name for task, _ in found] == ["sst2", "rte"]
-    assert len(skipped) == 7  # the 9 tasks but SST-2 and RTE, in the order of TASKS: mrpc stsb qqp mnli qnli ...
-    assert skipped[1] == f"stsb ({data}: no STS-B files (train.tsv, dev.tsv) here, in STS-B/ or in glue/STS-B/)"
-    assert skipped[4] == f"qnli ({data / 'QNLI'}: no train.tsv)"
+    assert list(skipped) == ["mrpc", "stsb", "qqp", "mnli", "qnli", "conll2003", "cola"]  # all but SST-2 and RTE
+    assert skipped["stsb"] == f"{data}: no STS-B files (train.tsv, dev.tsv) here, in STS-B/ or in glue/STS-B/"
+    assert skipped["qnli"] == f"{data / 'QNLI'}: no train.tsv"
     with pytest.raises(FileNotFoundError, match=rf"^{data / 'QNLI'}: no train.tsv$"):
         present_tasks(str(data), ["sst2", "qnli"])  # asked for by name: an error, not a skip
 
@@ -108,7 +108,9 @@ def test_suite_shows_progress_and_baseline_reuses_its_recipe_and_refuses_another
     assert first.returncode == 0, first.stderr
     assert "tiny: task 1/2 sst2" in first.stderr and "tiny: task 2/2 rte" in first.stderr
     assert re.search(r"sst2: best dev acc \d+\.\d\d at step 2 \(majority-class baseline 75\.00\)", first.stderr)
-    assert "skipped 7 task(s): mrpc (" in first.stderr and f"qnli ({data / 'QNLI'}: no train.tsv)" in first.stderr
+    assert "skipped 7 task(s): mrpc (" in first.stderr and f"; qnli ({data / 'QNLI'}: no train.tsv);" in first.stderr
+    assert (out / "results.md").read_text().endswith(
+        "Not run (no files under --data-dir): mrpc, stsb, qqp, mnli, qnli, conll2003, cola.\n")
     recorded = json.loads((out / "tiny" / "sst2" / "results.json").read_text())["config"]
     assert (recorded["lr"], recorded["batch_size"], recorded["epochs"]) == ([5e-5], [4], 1.0)
     again = run_module("pipeline.finetune", *suite)  # the same recipe: results reused, nothing trained

@@ -88,10 +88,10 @@ def row_models(specs: list[str]) -> dict[str, str]:
     return rows
 
 
-def present_tasks(data_dir: str, names: list[str] | None) -> tuple[list[tuple[Task, Path]], list[str]]:
-    """(the tasks to run with their folders, why each other task is skipped). A task asked for by --tasks
-    whose files are missing is an error; with the default (every task) it is skipped and reported."""
-    found, skipped = [], []
+def present_tasks(data_dir: str, names: list[str] | None) -> tuple[list[tuple[Task, Path]], dict[str, str]]:
+    """(the tasks to run with their folders, {skipped task: why}). A task asked for by --tasks whose files
+    are missing is an error; with the default (every task) it is skipped and reported."""
+    found, skipped = [], {}
     for name in names or TASKS:
         task = get_task(name)
         try:
@@ -102,11 +102,11 @@ def present_tasks(data_dir: str, names: list[str] | None) -> tuple[list[tuple[Ta
         except FileNotFoundError as e:
             if names:
                 raise
-            skipped.append(f"{task.name} ({e})")
+            skipped[task.name] = str(e)
             continue
         found.append((task, folder))
     if not found:
-        raise FileNotFoundError(f"--data-dir {data_dir}: no task has its files there: {'; '.join(skipped)}")
+        raise FileNotFoundError(f"--data-dir {data_dir}: no task has its files there: {'; '.join(skipped.values())}")
     return found, skipped
 
 
@@ -132,7 +132,8 @@ def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) ->
     output, rows, summary = Path(config.output), {}, {}
     planned, skipped = present_tasks(config.data_dir, tasks)
     if skipped and is_main_process():
-        print(f"skipped {len(skipped)} task(s): {'; '.join(skipped)}", file=sys.stderr)
+        print(f"skipped {len(skipped)} task(s): {'; '.join(f'{t} ({why})' for t, why in skipped.items())}",
+              file=sys.stderr)
     for name, model in row_models(models).items():
         results = {}
         for k, (task, folder) in enumerate(planned, start=1):
@@ -143,7 +144,7 @@ def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) ->
             results[task.name] = reuse_or_train(run, run_dir)
         rows[name] = paper_numbers(results)
         summary[name] = {"numbers": rows[name], "glue_score": glue_score(rows[name])[0]}
-    table = results_table(rows) + "".join(f"\nSkipped: {s}" for s in skipped) + ("\n" if skipped else "")
+    table = results_table(rows) + (f"\nNot run (no files under --data-dir): {', '.join(skipped)}.\n" if skipped else "")
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.md").write_text(table)
