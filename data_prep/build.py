@@ -28,6 +28,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_prep.config import BuildConfig, DataPrepError
+from data_prep.config_cli import check_output_dir
 from data_prep.pairs import create_pairs
 from data_prep.readers import ReadCounts, read_documents, resolve_inputs
 from data_prep.sentences import split_sentences
@@ -224,6 +225,7 @@ def _run_units(config: BuildConfig, tokenizer_path: str, tasks: list[tuple[int, 
 def merge(output: Path) -> dict:
     """Write manifest.json from plan.json and every unit's stats (refused while one is missing)."""
     output = Path(output)
+    check_output_dir(str(output), "merge")  # manifest.json is written there
     if not (output / PLAN).exists():
         raise DataPrepError(f"{output}: no {PLAN}; not the output of `python -m data_prep build`")
     plan = read_json(output / PLAN)

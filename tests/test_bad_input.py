@@ -465,3 +465,21 @@ def test_grid_keeps_explicit_values():
     assert (grid.lr, grid.batch_size) == ([2e-5, 3e-5], [32])
     assert FinetuneConfig("m", "rte", "d", "o", grid=True, lr=[1e-4]).batch_size == [16, 32]
     assert (FinetuneConfig("m", "rte", "d", "o").lr, FinetuneConfig("m", "rte", "d", "o").batch_size) == ([5e-5], [32])
+
+
+def test_the_first_cpu_run_says_that_deepspeed_compiles_its_op(tmp_path, monkeypatch, capsys):
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.optim import init_distributed
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("the shared-memory op is DeepSpeed's CPU communication op")
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
+    init_distributed()
+    assert capsys.readouterr().err == (f"note: DeepSpeed compiles its deepspeed_shm_comm op on this first run (~40 s; "
+                                       f"kept in {tmp_path / 'deepspeed_shm_comm'})\n")
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    init_distributed()
+    assert capsys.readouterr().err == ""
