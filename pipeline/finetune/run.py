@@ -190,11 +190,13 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
         for step, batch in enumerate(training_batches(loader, sampler), start=1):
             engine.train()
             loss, aux = train_step(engine, teacher, task, batch, config)
-            check_finite({"loss": loss.item(), "aux": aux.item()}, step)
+            losses = dict(zip(("loss", "aux"), torch.stack([loss.detach().float(), aux.detach()]).tolist()))  # one sync
+            check_finite(losses, step)
             examples += len(batch["labels"]) * world
             progress.update()
             if writer and step % 10 == 0:
-                log_scalars(writer, step, {"train/loss": loss.item(), "train/aux_loss": aux.item(), "train/lr": engine.get_lr()[0]})
+                log_scalars(writer, step, {"train/loss": losses["loss"], "train/aux_loss": losses["aux"],
+                                           "train/lr": engine.get_lr()[0]})
             if step in scored_at:
                 evaluation = evaluate(engine.module, task, data, 2 * batch_size, tokenizer.pad_token_id, step)
                 scores = {f"dev/{name}/{metric}": value for name, metrics in evaluation["metrics"].items()
