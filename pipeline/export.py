@@ -48,9 +48,11 @@ def merged_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def export(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     """Write OUT_DIR (config.json, model.safetensors, tokenizer) from a checkpoint; returns the step dir used."""
+    from data_prep.config_cli import check_output_dir
     from data_prep.tokenizer import load_tokenizer
     from pipeline.model import Student, StudentConfig
 
+    check_output_dir(str(out_dir), "OUT_DIR")
     step_dir = step_dir_of(checkpoint_path)
     state = checkpoint.read_trainer_state(step_dir)
     config = StudentConfig.from_dict({**state["student"], "relation_projection": False},

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.experts import add_experts_parser
 from pipeline.model import STUDENT_PRESETS, Student, StudentConfig, is_student_dir
+from pipeline.model_files import loading
 
 TOKENS_PER_SEQUENCE = 128  # the paper's sequence length for GFLOPs
 
@@ -58,14 +59,18 @@ def build_model(spec: str, num_experts: int | None = None, device: str = "meta")
                 config = dataclasses.replace(config, num_experts=num_experts, relation_projection=None)
             return Student(config)
         if is_student_dir(path):
-            return Student.from_pretrained(path) if device != "meta" else Student(StudentConfig.load(path))
+            if device == "meta":
+                return Student(StudentConfig.load(path))
+            with loading(path):
+                return Student.from_pretrained(path)
         if (path / "config.json").is_file():
             from transformers import AutoConfig, AutoModel
 
             config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
             if device == "meta":
                 return AutoModel.from_config(config)
-            return AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            with loading(path):
+                return AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     raise ValueError(f"{spec}: not a preset ({', '.join(STUDENT_PRESETS)}), a config .json or a model dir with config.json")
 
 

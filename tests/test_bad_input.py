@@ -21,7 +21,7 @@ from data_prep import __main__ as prep
 from data_prep.build import open_tokenizer
 from data_prep.config_cli import InputError
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline import compress, distill
+from pipeline import compress, distill, export, report
 from pipeline.data import ShardDataset
 from pipeline.finetune import main as finetune_main
 from pipeline.finetune.config import FinetuneConfig
@@ -284,9 +284,10 @@ def test_output_that_is_a_file_or_under_one_is_refused_by_every_command(tmp_path
         "distill": lambda out: distill.main(["--shards", "s", "--output", out]),
         "finetune": lambda out: finetune_main(["--model", "m", "--task", "rte", "--data-dir", "d", "--output", out]),
         "compress": lambda out: compress.main([str(tiny_student), out]),
+        "export": lambda out: export.main([str(tmp_path / "no-run"), out]),
     }
     for name, command in commands.items():
-        flag = "output" if name == "compress" else "--output"
+        flag = {"compress": "output", "export": "OUT_DIR"}.get(name, "--output")
         assert command(str(file)) == 2, name
         assert last_error(capsys) == f"error: {flag} {file}: is a file", name
         assert command(str(file / "sub")) == 2, name
@@ -313,6 +314,8 @@ def test_truncated_or_missing_weights_are_one_line(tmp_path, tiny_student, teach
                                          r"deserializing header"):
         build_model(student, get_task("sst2"))
     assert compress.main([str(student), str(tmp_path / "small")]) == 2
+    assert last_error(capsys).startswith(f"error: {student / 'model.safetensors'}: cannot load the model: ")
+    assert report.main(["compute", str(student), "--json"]) == 2
     assert last_error(capsys).startswith(f"error: {student / 'model.safetensors'}: cannot load the model: ")
     teacher = truncated_copy(teacher_dir, tmp_path / "teacher")
     cfg = distill.DistillConfig(teacher=str(teacher), shards="s")
