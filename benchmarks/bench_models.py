@@ -48,8 +48,9 @@ def deepspeed_dispatch(model: Student) -> Student:
 
 
 def student(num_experts: int, preset: str = "3L384H") -> Student:
+    """The engine's student (DeepSpeed's MoE layer, whose one-rank forward is the sorted dispatch)."""
     torch.manual_seed(0)
-    return Student(StudentConfig.from_preset(preset, num_experts=num_experts))
+    return Student(StudentConfig.from_preset(preset, num_experts=num_experts), deepspeed_moe=True)
 
 
 def table(title: str, seconds: dict[str, float], tokens: int, baseline: str) -> list[str]:

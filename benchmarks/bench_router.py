@@ -2,7 +2,7 @@
 
     python benchmarks/bench_router.py [--tokens 100000] [--experts 4]
 
-The router of a MiniMoE student (pipeline.model.router) scores random tokens (H = 384) with its weights
+The router of a MiniMoE student (pipeline.model.Router) scores random tokens (H = 384) with its weights
 rescaled so that the routing logits have a given std; each policy's training-mode choice is compared with
 the noiseless argmax. Prints a Markdown table (rows: policies, columns: logit std).
 """
@@ -12,14 +12,14 @@ import argparse
 
 import torch
 
-from pipeline.model import ROUTER_NOISE, StudentConfig, router
+from pipeline.model import ROUTER_NOISE, Router, StudentConfig
 
 LOGIT_STDS = (0.25, 0.5, 1.0, 2.0)
 
 
 def agreement(noise: str | None, logit_std: float, tokens: int, experts: int, hidden: int = 384) -> float:
     torch.manual_seed(0)
-    gate = router(StudentConfig(hidden_size=hidden, num_experts=experts, router_noise=noise), experts)
+    gate = Router(StudentConfig(hidden_size=hidden, num_experts=experts, router_noise=noise), experts)
     with torch.no_grad():
         gate.wg.weight.normal_(std=logit_std / hidden ** 0.5)
         gate.wg.bias.zero_()
