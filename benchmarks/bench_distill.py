@@ -105,7 +105,7 @@ def in_process(args) -> dict[str, dict[str, float]]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from pipeline.teacher import Teacher
+    from pipeline.models.teacher import Teacher
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -146,7 +146,7 @@ def launched(args, procs: int, ep_size: int) -> float:
 
 
 def main() -> None:
-    from data_prep.tokenizer import packaged_teacher_dir
+    from minimoe_common.tokenizer import packaged_teacher_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="shard dir built with the teacher's tokenizer")

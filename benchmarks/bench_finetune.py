@@ -18,10 +18,10 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.tokenizer import load_tokenizer, packaged_teacher_dir  # noqa: E402
+from minimoe_common.tokenizer import load_tokenizer, packaged_teacher_dir  # noqa: E402
 from pipeline.finetune.config import FinetuneConfig, deepspeed_config  # noqa: E402
 from pipeline.finetune.data import collate, encode  # noqa: E402
-from pipeline.model import StudentConfig, StudentForSequenceClassification  # noqa: E402
+from pipeline.models import StudentConfig, StudentForSequenceClassification  # noqa: E402
 from pipeline.objectives import task_loss  # noqa: E402
 from pipeline.optim import LinearSchedule, build_engine, init_single_process  # noqa: E402
 from pipeline.tasks import get_task, read_split  # noqa: E402

@@ -19,9 +19,10 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.model import FeedForward, Student, StudentConfig  # noqa: E402
+from pipeline.models import Student, StudentConfig  # noqa: E402
+from pipeline.models.layers import FeedForward  # noqa: E402
 from pipeline.objectives import minilm_relation_loss  # noqa: E402
-from pipeline.teacher import Teacher  # noqa: E402
+from pipeline.models.teacher import Teacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def bench_train(args) -> list[str]:
 MEMORY_PROBE = """
 import resource, sys, torch
 from transformers import AutoModel
-from pipeline.teacher import Teacher
+from pipeline.models.teacher import Teacher
 mode, path, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ids = torch.randint(1000, 2000, (batch, seq)); mask = torch.ones_like(ids)
 if mode == "teacher":
@@ -167,7 +168,7 @@ BENCHES = {"inference": bench_inference, "ffn": bench_ffn, "train": bench_train,
 
 
 def main() -> None:
-    from data_prep.tokenizer import packaged_teacher_dir
+    from minimoe_common.tokenizer import packaged_teacher_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=list(BENCHES), help="benchmarks to run")

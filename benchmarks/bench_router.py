@@ -2,7 +2,7 @@
 
     python benchmarks/bench_router.py [--tokens 100000] [--experts 4]
 
-The router of a MiniMoE student (pipeline.model.Router) scores random tokens (H = 384) with its weights
+The router of a MiniMoE student (pipeline.models.Router) scores random tokens (H = 384) with its weights
 rescaled so that the routing logits have a given std; each policy's training-mode choice is compared with
 the noiseless argmax. Prints a Markdown table (rows: policies, columns: logit std).
 """
@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from pipeline.model import ROUTER_NOISE, Router, StudentConfig
+from pipeline.models import ROUTER_NOISE, StudentConfig
+from pipeline.models.moe import Router
 
 LOGIT_STDS = (0.25, 0.5, 1.0, 2.0)
 

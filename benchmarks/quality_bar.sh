@@ -12,7 +12,7 @@ DATA=${DATA:-../shared/data}
 STEPS=${STEPS:-300}
 SEEDS="1 2"
 export OMP_NUM_THREADS=1
-TEACHER=$(python -c "from data_prep.tokenizer import packaged_teacher_dir; print(packaged_teacher_dir())")
+TEACHER=$(python -c "from minimoe_common.tokenizer import packaged_teacher_dir; print(packaged_teacher_dir())")
 lanes() {  # run two functions side by side; stop if either fails
   "$1" > "$OUT/$1.log" 2>&1 & local first=$!
   "$2" > "$OUT/$2.log" 2>&1 & local second=$!
@@ -41,9 +41,9 @@ lanes distill_minimoe distill_minilm
 [[ -d $OUT/model-random ]] || python - "$OUT" <<'PY'
 import sys
 from pathlib import Path
-from data_prep.tokenizer import load_tokenizer
+from minimoe_common.tokenizer import load_tokenizer
 from pipeline.distill import build_student
-from pipeline.model import StudentConfig
+from pipeline.models import StudentConfig
 source, out = Path(sys.argv[1]) / "model-minimoe", Path(sys.argv[1]) / "model-random"
 build_student(StudentConfig.load(source / "config.json"), seed=42).save_pretrained(out)
 load_tokenizer(str(source)).save_pretrained(str(out))

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from data_prep.config import BuildConfig
-from data_prep.config_cli import InputError, add_config_arguments
+from minimoe_common.cli import InputError, add_config_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,13 +28,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_prep.config import BuildConfig, DataPrepError
-from data_prep.config_cli import check_output_dir
+from minimoe_common.cli import check_output_dir
+from minimoe_common.files import file_sha256, read_json, write_json
 from data_prep.pairs import create_pairs
 from data_prep.readers import ReadCounts, read_documents, resolve_inputs
 from data_prep.sentences import split_sentences
-from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, pairs_to_batch, read_json,
-                              shard_name, shard_schema, token_dtype, write_json)
-from data_prep.tokenizer import load_tokenizer, packaged_teacher_dir, special_ids, tokenizer_fingerprint
+from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, pairs_to_batch, shard_name, shard_schema, token_dtype
+from minimoe_common.tokenizer import load_tokenizer, packaged_teacher_dir, special_ids, tokenizer_fingerprint
 
 PLAN = "plan.json"
 ENCODE_BATCH = 4096  # sentences per call to the tokenizer: bounds its per-token objects in memory

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from data_prep.config_cli import InputError, check_output_dir
+from minimoe_common.cli import InputError, check_output_dir
 
 FORMATS = ("wikiextractor", "jsonl", "parquet", "text")
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from data_prep.build import open_tokenizer, summary_line
 from data_prep.config import DataPrepError
-from data_prep.shards import MANIFEST, file_sha256, read_manifest, read_shard
+from data_prep.shards import MANIFEST, read_manifest, read_shard
+from minimoe_common.files import file_sha256
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40

@@ -6,9 +6,7 @@ Every file is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pyarrow.compute as pc
 
 from data_prep.config import DataPrepError
 from data_prep.pairs import Pair
+from minimoe_common.files import read_json
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "minimoe-shards"
@@ -66,26 +65,6 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """concatenate(arange(s, s + n) for s, n in zip(starts, lengths)), without a Python loop."""
     ends = np.cumsum(lengths)
     return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write `obj` as indented JSON under a temporary name, then rename (readers never see half a
-    file; partitions writing the same plan.json at once each use their own temporary)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 MANIFEST_KEYS = ("tokenizer", "max_seq_length", "shards", "totals", "skipped")

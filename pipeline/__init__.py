@@ -1,4 +1,4 @@
 """Distillation pipeline: models, objectives, the DeepSpeed engine, export, finetune, report.
 
-Importing the package registers the student with transformers' Auto classes (pipeline.model)."""
-from pipeline import model as _model  # noqa: F401
+Importing the package registers the student with transformers' Auto classes (pipeline.models)."""
+from pipeline import models as _models  # noqa: F401

@@ -9,7 +9,6 @@ Layout (CHECKPOINTS = OUTPUT/checkpoints):
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,18 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from minimoe_common.files import write_text
+
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,10 +67,10 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer
     if rank == 0:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(step_dir / "tokenizer"))
-        _write_atomic(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+        write_text(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk: only now is the checkpoint complete
     if rank == 0:
-        _write_atomic(root / LATEST, tag)
+        write_text(root / LATEST, tag)
         done = sorted(d for d in root.glob("step-*") if d.name <= tag)
         unfinished = [d for d in root.glob("step-*") if d.name > tag]  # left by a run that died mid-save
         for old in done[:-keep] + unfinished:

@@ -3,7 +3,7 @@
 The paper leaves this as future work after its memory-efficiency table (Sec. 5): experts with a
 fast-decaying singular-value spectrum lose little when truncated. Each FFN matrix W (out, in) keeps
 the singular values above `threshold` x the largest, W ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T), stored as
-`pipeline.model.LowRankLinear` (down: (r, in), up: (out, r) + the original bias) where that is smaller
+`pipeline.models.LowRankLinear` (down: (r, in), up: (out, r) + the original bias) where that is smaller
 than W. The output is a normal student dir (config.json records `ffn_ranks`): it loads, finetunes and
 can be compressed again.
 
@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from data_prep.tokenizer import load_tokenizer
-from data_prep.config_cli import check_output_dir
+from minimoe_common.cli import check_output_dir
+from minimoe_common.files import written_dir
+from minimoe_common.tokenizer import load_tokenizer
 from pipeline.experts import KEEP_THRESHOLD, factored_params, ffn_weight, kept_rank
-from pipeline.model import LowRankLinear, Student, StudentConfig
-from pipeline.model_files import loading
+from pipeline.models import LowRankLinear, Student, StudentConfig
+from pipeline.models.files import loading
 
 
 def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +61,9 @@ def compress_dir(model_dir: str | Path, output: str | Path, threshold: float) ->
     with loading(model_dir):
         student = Student.from_pretrained(model_dir)
     compressed = compress(student, threshold)
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    compressed.save_pretrained(tmp)
-    load_tokenizer(str(model_dir)).save_pretrained(str(tmp))
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
+    with written_dir(output) as tmp:
+        compressed.save_pretrained(tmp)
+        load_tokenizer(str(model_dir)).save_pretrained(str(tmp))
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     return {"threshold": threshold, "params_before": count(student), "params_after": count(compressed),
             "layer_params_before": count(student.layers), "layer_params_after": count(compressed.layers),

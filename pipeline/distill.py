@@ -28,12 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_prep.config_cli import (add_config_arguments, changed_fields, check_output_dir, config_from_args,
+from minimoe_common.cli import (add_config_arguments, changed_fields, check_output_dir, config_from_args,
                                   refuse_invalid)
-from data_prep.tokenizer import packaged_teacher_dir
+from minimoe_common.tokenizer import packaged_teacher_dir
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
-from pipeline.model_files import check_max_seq_length, loading
+from pipeline.models import TINYBERT_PROJECTION, Student, StudentConfig
+from pipeline.models.moe import localize_experts
+from pipeline.models.teacher import Teacher
+from pipeline.objectives import attention_scores, minilm_relation_loss, tinybert_loss
+from pipeline.models.files import check_max_seq_length, loading
 from pipeline.optim import (LinearSchedule, build_engine, check_finite, init_distributed, init_single_process,
                             read_deepspeed_config)
 
@@ -41,9 +45,6 @@ DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
 LOSS_PARTS = {"minilm": ("loss", "qq", "kk", "vv", "aux"),  # the three relation KLs (MiniLMv2 Eq. 4)
               "tinybert": ("loss", "attention", "hidden", "aux")}  # the two MSEs (TinyBERT Eq. 7, 8)
-# TinyBERT's W_h (Eq. 8), nn.Linear(Hs, Ht): a child of the student while training, so that the engine
-# trains, casts, reduces and checkpoints it with the student; export drops it.
-PROJECTION = "tinybert_projection"
 # What --resume may change: the length of the run (its schedule then decays from where it stands to the new
 # end), the layout (ranks, ep_size, ZeRO stage, precision: optimizer state is then reset), the micro batch
 # (the global batch stays), the output dir (a copied run) and the logging. Every other field is the method
@@ -70,7 +71,7 @@ class DistillConfig:
     relation_heads: int = 32
     """Relation heads R that Q, K and V are split into; teacher and student hidden sizes must divide by it (--objective minilm only). 32 as in all of the authors' scripts; it divides 1024, so large teachers work too; MiniLMv2 distils large teachers with 64 (48 divides neither 1024 nor 768's students: refused)."""
     student: str = "3L384H"
-    """Student size preset (pipeline.model.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 12L384H, 12L768H)."""
+    """Student size preset (pipeline.models.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 12L384H, 12L768H)."""
     student_config: str | None = None
     """A student config.json (any StudentConfig fields) used instead of the preset; the shape flags below still override it."""
     layers: int | None = None
@@ -188,8 +189,6 @@ def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
 
 def student_config(cfg: DistillConfig, tokenizer):
     """The StudentConfig: preset or file, shape flags, the teacher's vocabulary; experts that --ep-size divides."""
-    from pipeline.model import StudentConfig
-
     shape = {"num_layers": cfg.layers, "hidden_size": cfg.hidden, "num_heads": cfg.heads, "num_experts": cfg.experts,
              "relation_projection": False if cfg.objective == "tinybert" else None}  # TinyBERT: the layer's own
     if cfg.relation_projection is not None:
@@ -210,8 +209,6 @@ def student_config(cfg: DistillConfig, tokenizer):
 
 def file_student_fields(cfg: DistillConfig, overrides: dict) -> dict:
     """--student-config's fields, with the values that follow a changed shape flag back to their defaults."""
-    from pipeline.model import StudentConfig
-
     values = StudentConfig.load(cfg.student_config).student_dict()
     if cfg.hidden is not None and cfg.hidden != values["hidden_size"]:
         values["intermediate_size"] = None  # back to 4 x the new hidden size
@@ -225,8 +222,6 @@ def build_student(config, seed: int, ep_size: int = 1):
     weights whatever ep_size: build all experts once (same seed on every rank), keep this rank's. Without this,
     every expert-parallel rank would draw the same local experts, and expert e and e + E/ep_size would start
     identical."""
-    from pipeline.model import Student, localize_experts
-
     torch.manual_seed(seed)
     full = Student(config, deepspeed_moe=True)
     if ep_size == 1:
@@ -269,15 +264,13 @@ def objective_loss(cfg: DistillConfig, student: torch.nn.Module, batch: dict[str
                    teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The --objective loss of one micro batch: the student's output `out` against the frozen teacher's
     distilled layer (computed here, in inference mode, only up to that layer)."""
-    from pipeline.objectives import attention_scores, minilm_relation_loss, tinybert_loss
-
     mask = batch["attention_mask"]
     if cfg.objective == "minilm":
         return minilm_relation_loss(out.relation_qkv, teacher(**batch), mask, cfg.relation_heads, aux_loss=out.aux_loss)
     q, k, _, hidden = teacher(**batch, return_layer_input=True)  # (B, T, Ht) x4
     heads = teacher.num_heads  # == the student's (checked in `distill`)
     return tinybert_loss(attention_scores(out.qkv[0], out.qkv[1], heads), attention_scores(q, k, heads),
-                         out.qkv_layer_input, hidden, student.get_submodule(PROJECTION), mask, aux_loss=out.aux_loss)
+                         out.qkv_layer_input, hidden, student.get_submodule(TINYBERT_PROJECTION), mask, aux_loss=out.aux_loss)
 
 
 def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router: RouterStats) -> dict[str, torch.Tensor]:
@@ -487,7 +480,6 @@ def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, An
 
 def load_teacher(cfg: DistillConfig, dtype: torch.dtype):
     """The frozen teacher, with its tokenizer (the shards' tokenizer is checked against it)."""
-    from pipeline.teacher import Teacher
 
     with loading(cfg.teacher):
         teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.teacher_layer, dtype=dtype)
@@ -509,7 +501,7 @@ def distill(cfg: DistillConfig) -> None:
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
 
-    from data_prep.tokenizer import tokenizer_fingerprint
+    from minimoe_common.tokenizer import tokenizer_fingerprint
 
     init_single_process()  # run without a launcher: one process, as the launcher would set it up
     ds = deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]))  # checked before any setup
@@ -533,7 +525,9 @@ def distill(cfg: DistillConfig) -> None:
     check_heads(cfg, config, teacher)
     student = build_student(config, cfg.seed, cfg.ep_size)
     if cfg.objective == "tinybert":  # the RNG goes on from build_student's seed: the same W_h on every rank
-        student.add_module(PROJECTION, torch.nn.Linear(config.hidden_size, teacher.hidden_size))
+        # TinyBERT's W_h (Eq. 8), nn.Linear(Hs, Ht): a child of the student, so that the engine trains, casts,
+        # reduces and checkpoints it with the student.
+        student.add_module(TINYBERT_PROJECTION, torch.nn.Linear(config.hidden_size, teacher.hidden_size))
     loader = ShardLoader(shards, cfg.micro_batch_size, rank, world, cfg.seed)
     global_batch = cfg.global_batch_size
     samples_per_epoch = len(shards) // (cfg.micro_batch_size * world) * cfg.micro_batch_size * world  # see ShardLoader

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.model import EXPERT_KEY, LowRankLinear, Student
+from pipeline.models import EXPERT_KEY, LowRankLinear, Student
 
 THRESHOLDS = (0.2, 0.1, 0.05)
 KEEP_THRESHOLD = 0.1

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from minimoe_common.cli import check_output_dir
+from minimoe_common.tokenizer import load_tokenizer
 from pipeline import checkpoint
+from pipeline.models import TRAINING_ONLY_PREFIXES, Student, StudentConfig
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -37,21 +40,15 @@ def step_dir_of(path: str | Path) -> Path:
 def merged_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """Non-expert weights + every expert file (keys already carry global expert ids), in fp32, without the
     training-only parts: the TinyBERT projection and MiniMoE's relation projection."""
-    from pipeline.distill import PROJECTION
-
     state = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
     for expert_file in sorted(step_dir.glob("layer_*_expert_*_" + MODEL_STATES)):
         state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
-    training_only = (PROJECTION + ".", "relation_projection.")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith(training_only)}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+            if not k.startswith(TRAINING_ONLY_PREFIXES)}
 
 
 def export(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     """Write OUT_DIR (config.json, model.safetensors, tokenizer) from a checkpoint; returns the step dir used."""
-    from data_prep.config_cli import check_output_dir
-    from data_prep.tokenizer import load_tokenizer
-    from pipeline.model import Student, StudentConfig
-
     check_output_dir(str(out_dir), "OUT_DIR")
     step_dir = step_dir_of(checkpoint_path)
     state = checkpoint.read_trainer_state(step_dir)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from pipeline.experts import add_experts_parser
-from pipeline.model import STUDENT_PRESETS, Student, StudentConfig, is_student_dir
-from pipeline.model_files import loading
+from pipeline.models import STUDENT_PRESETS, Student, StudentConfig, is_student_dir
+from pipeline.models.files import loading
 
 TOKENS_PER_SEQUENCE = 128  # the paper's sequence length for GFLOPs
 

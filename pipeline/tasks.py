@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.config_cli import InputError
+from minimoe_common.cli import InputError
 
 csv.field_size_limit(sys.maxsize)  # some GLUE sentences exceed csv's default 128 KiB field limit
 

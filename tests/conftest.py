@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.tokenizer import packaged_teacher_dir
+from minimoe_common.tokenizer import packaged_teacher_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

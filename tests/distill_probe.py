@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import checkpoint  # noqa: E402
 from pipeline.data import ShardDataset, collate  # noqa: E402
-from pipeline.model import Student, StudentConfig  # noqa: E402
+from pipeline.models import Student, StudentConfig  # noqa: E402
 
 
 def main(step_dir: Path, shards: Path, out: Path) -> None:

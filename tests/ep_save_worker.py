@@ -8,7 +8,7 @@ import deepspeed
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.model import Student, StudentConfig  # noqa: E402
+from pipeline.models import Student, StudentConfig  # noqa: E402
 
 out_dir = Path(sys.argv[-1])  # the launcher puts --local_rank=N first
 deepspeed.init_distributed(dist_backend="gloo")

@@ -19,16 +19,16 @@ import torch
 
 from data_prep import __main__ as prep
 from data_prep.build import open_tokenizer
-from data_prep.config_cli import InputError
-from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from minimoe_common.cli import InputError
+from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline import compress, distill, export, report
 from pipeline.data import ShardDataset
 from pipeline.finetune import main as finetune_main
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.run import build_model, check_finetuned_for
 from pipeline.finetune.suite import present_tasks, row_models
-from pipeline.model import Student, StudentConfig
-from pipeline.model_files import check_max_seq_length
+from pipeline.models import Student, StudentConfig
+from pipeline.models.files import check_max_seq_length
 from pipeline.optim import LinearSchedule
 from pipeline.tasks import DataError, get_task, read_split
 

@@ -22,8 +22,8 @@ import pytest
 
 from data_prep.__main__ import main
 from data_prep.readers import ReadCounts, read_documents
-from data_prep.shards import file_sha256
-from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from minimoe_common.files import file_sha256
+from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "data" / "wiki_sample" / "wiki_00"

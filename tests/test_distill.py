@@ -14,7 +14,7 @@ import pytest
 import torch
 from launcher import free_port
 
-from data_prep.config_cli import field_docs
+from minimoe_common.cli import field_docs
 from pipeline import distill
 from pipeline.distill import DistillConfig, parse_config
 from pipeline.optim import LinearSchedule, check_finite, param_groups
@@ -119,8 +119,8 @@ def test_zero3_and_owned_keys_are_refused_with_exit_2(tmp_path, capsys):
 
 
 def test_student_config_from_preset_flags_and_file(teacher_dir, tmp_path):
-    from data_prep.tokenizer import load_tokenizer
-    from pipeline.model import StudentConfig
+    from minimoe_common.tokenizer import load_tokenizer
+    from pipeline.models import StudentConfig
 
     tokenizer = load_tokenizer(str(teacher_dir))
     preset = distill.student_config(DistillConfig(teacher="t", shards="s"), tokenizer)
@@ -136,7 +136,7 @@ def test_student_config_from_preset_flags_and_file(teacher_dir, tmp_path):
 
 
 def tiny_moe():
-    from pipeline.model import Student, StudentConfig
+    from pipeline.models import Student, StudentConfig
 
     torch.manual_seed(0)
     return Student(StudentConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, num_experts=4),
@@ -331,9 +331,9 @@ def module_states(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_without_it(
         teacher_dir, tmp_path, monkeypatch, capsys):
-    from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
     from pipeline.export import export
-    from pipeline.model import Student
+    from pipeline.models import Student
     from safetensors.torch import load_file
     from test_data_loader import write_shards
 
@@ -402,9 +402,9 @@ def test_a_1024_wide_teacher_distils_with_32_or_64_relation_heads(tmp_path, rela
     authors' 32 relation heads and MiniLMv2's 64 for large teachers; 48 (1024 / 48 is not whole) is refused."""
     from transformers import BertConfig, BertModel
 
-    from pipeline.model import Student, StudentConfig
+    from pipeline.models import Student, StudentConfig
     from pipeline.objectives import minilm_relation_loss
-    from pipeline.teacher import Teacher
+    from pipeline.models.teacher import Teacher
 
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=100, hidden_size=1024, num_hidden_layers=1, num_attention_heads=16,

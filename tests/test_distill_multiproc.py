@@ -94,7 +94,7 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
                        str(REPO / "tests" / "distill_probe.py"), str(checkpoints / "step-00000016"), str(wiki_shards),
                        str(probe_out)])
     assert probe.returncode == 0, probe.stdout[-3000:]
-    from pipeline.model import Student
+    from pipeline.models import Student
 
     reference = torch.load(probe_out, weights_only=True)
     student = Student.from_pretrained(model_dir).eval()
@@ -105,8 +105,8 @@ def test_zero2_ep2_trains_resumes_exactly_and_exports(wiki_shards, teacher_dir, 
     for mine, theirs in zip(out.qkv, reference["qkv"]):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     # Teacher-assistant chain: the exported student is a valid teacher for the same shards.
-    from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from pipeline.teacher import Teacher
+    from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pipeline.models.teacher import Teacher
 
     assistant = Teacher.from_pretrained(model_dir)
     assert tokenizer_fingerprint(assistant.tokenizer) == tokenizer_fingerprint(load_tokenizer(str(teacher_dir)))

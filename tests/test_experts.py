@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.experts import THRESHOLDS, analyse, factored_params, kept_rank, normalised_singular_values
-from pipeline.model import Student, StudentConfig
+from pipeline.models import Student, StudentConfig
 
 
 def matrix_with_spectrum(singular_values, shape, seed=0):
@@ -55,9 +55,9 @@ def test_table_groups_experts_and_counts_params():
 
 
 def test_compression_round_trip(tmp_path, teacher_dir):
-    from data_prep.tokenizer import load_tokenizer
+    from minimoe_common.tokenizer import load_tokenizer
     from pipeline.compress import compress, main
-    from pipeline.model import LowRankLinear, StudentForSequenceClassification
+    from pipeline.models import LowRankLinear, StudentForSequenceClassification
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(str(teacher_dir))

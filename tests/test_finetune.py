@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from launcher import free_port, launch
 
-from data_prep.config_cli import config_from_args
-from data_prep.tokenizer import load_tokenizer
+from minimoe_common.cli import config_from_args
+from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune import main
 from pipeline.finetune import run as finetune_run
 from pipeline.finetune.cli import build_parser
@@ -22,7 +22,7 @@ from pipeline.finetune.data import collate, encode
 from pipeline.finetune.run import kd_loss
 from pipeline.finetune.scoring import evaluate
 from pipeline.finetune.suite import glue_score, results_table
-from pipeline.model import Student, StudentConfig, StudentForSequenceClassification
+from pipeline.models import Student, StudentConfig, StudentForSequenceClassification
 from pipeline.objectives import task_loss
 from pipeline.tasks import Example, TaggedSentence, get_task, read_split
 
@@ -211,7 +211,7 @@ def test_conll_finetune_scores_words_as_seqeval(tmp_path, shared_data, tiny_moe_
     model's word-level predictions, rebuilt here from per-word tokenization."""
     import seqeval.metrics
 
-    from pipeline.model import StudentForTokenClassification
+    from pipeline.models import StudentForTokenClassification
 
     data = tmp_path / "conll2003"
     data.mkdir()
@@ -240,7 +240,7 @@ def test_conll_finetune_scores_words_as_seqeval(tmp_path, shared_data, tiny_moe_
 
 
 def test_flags_config_file_and_help_texts(tmp_path):
-    from data_prep.config_cli import field_docs
+    from minimoe_common.cli import field_docs
     from pipeline.finetune.config import GRID_BATCH_SIZE, GRID_LR
     from pipeline.tasks import TASKS
 

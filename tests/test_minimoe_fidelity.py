@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import model as model_module
+from pipeline.models import layers, moe
 from pipeline.distill import build_student
-from pipeline.model import Student, StudentConfig
+from pipeline.models import Student, StudentConfig
 from pipeline.objectives import minilm_relation_loss
 
 
@@ -145,7 +145,7 @@ def test_moefy_experts_share_two_thirds_of_their_neurons():
 def test_moefy_neuron_cut_matches_the_authors_strided_slices():
     # The authors' moefy on a wide layer of E x n = 4 x 6 neurons: shared = rows[:4]; expert e takes
     # rows[4:][e::4] and keeps the first n - 4 = 2 of them, i.e. rows 4 + e and 8 + e.
-    cuts = model_module.moefy_neurons(4, 6)
+    cuts = moe.moefy_neurons(4, 6)
     assert [c.tolist() for c in cuts] == [[0, 1, 2, 3, 4 + e, 8 + e] for e in range(4)]
 
 
@@ -153,10 +153,10 @@ def test_moefy_neuron_cut_matches_the_authors_strided_slices():
 def test_moefy_init_is_the_same_whatever_ep_size(monkeypatch, rank):
     config = tiny_moe(intermediate_size=12)
     full = build_student(config, seed=7).state_dict()
-    monkeypatch.setattr(model_module, "_expert_parallel_rank", lambda ep_size: rank)
+    monkeypatch.setattr(moe, "_expert_parallel_rank", lambda ep_size: rank)
     local = build_student(config, seed=7, ep_size=2).state_dict()
     for key, value in local.items():  # rank r holds global experts 2r and 2r + 1
-        match = model_module.EXPERT_KEY.match(key)
+        match = moe.EXPERT_KEY.match(key)
         global_key = key if match is None else f"{match[1]}{2 * rank + int(match[2])}{match[3]}"
         assert torch.equal(value, full[global_key]), key
 
@@ -181,7 +181,7 @@ def test_attention_experts_route_each_token_through_one_experts_projections():
         torch.testing.assert_close(q.reshape(-1, 24)[s], expert.query(x[s]), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(v.reshape(-1, 24)[s], expert.value(x[s]), atol=1e-6, rtol=1e-5)
     # Attention over all tokens with the mixed Q/K/V, then the token's expert output scaled by its gate value.
-    context = model_module.attend(q, k, v, mask.bool()[:, None, None, :], 2, 0.0).reshape(-1, 24)
+    context = layers.attend(q, k, v, mask.bool()[:, None, None, :], 2, 0.0).reshape(-1, 24)
     for s in torch.nonzero(real).flatten().tolist():
         expected = probs[s, choice[s]] * attention.experts[choice[s]].output(context[s])
         torch.testing.assert_close(out.reshape(-1, 24)[s], expected, atol=1e-5, rtol=1e-5)

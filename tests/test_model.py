@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline import model as model_module
-from pipeline.model import (STUDENT_PRESETS, Student, StudentConfig, StudentForSequenceClassification,
-                            StudentForTokenClassification, is_student_dir, localize_experts, moe_feed_forward)
+from pipeline.models import moe
+from pipeline.models import (STUDENT_PRESETS, Student, StudentConfig, StudentForSequenceClassification,
+                            StudentForTokenClassification, is_student_dir)
+from pipeline.models.moe import localize_experts, moe_feed_forward
 
 
 def tiny_config(**overrides) -> StudentConfig:
@@ -47,7 +48,7 @@ def test_config_round_trip_defaults_and_errors(tmp_path):
 
 
 def test_preset_takes_vocabulary_and_special_ids_from_tokenizer(teacher_dir):
-    from data_prep.tokenizer import load_tokenizer
+    from minimoe_common.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(teacher_dir))
     config = StudentConfig.from_preset("3L384H", tokenizer=tokenizer)
@@ -155,7 +156,7 @@ def umask_022():
 
 @pytest.mark.parametrize("num_experts", [1, 4])
 def test_save_load_round_trip(tmp_path, num_experts, teacher_dir, umask_022):
-    from data_prep.tokenizer import load_tokenizer
+    from minimoe_common.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = Student(tiny_config(num_experts=num_experts)).eval()
@@ -204,7 +205,7 @@ def test_model_dirs_of_the_earlier_format_load(tmp_path):
 def test_localize_experts_keeps_this_ranks_experts_renumbered(monkeypatch):
     key = "layers.0.ffn.deepspeed_moe.experts.deepspeed_experts.{}.fc1.weight"
     state = {key.format(e): torch.full((1,), float(e)) for e in range(4)} | {"embeddings.x": torch.zeros(1)}
-    monkeypatch.setattr(model_module, "_expert_parallel_rank", lambda ep_size: 1)
+    monkeypatch.setattr(moe, "_expert_parallel_rank", lambda ep_size: 1)
     local = localize_experts(state, num_experts=4, ep_size=2)
     assert sorted(local) == sorted([key.format(0), key.format(1), "embeddings.x"])
     assert (local[key.format(0)].item(), local[key.format(1)].item()) == (2.0, 3.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.model import Student
+from pipeline.models import Student
 
 WORKER = Path(__file__).with_name("ep_save_worker.py")
 

@@ -135,8 +135,8 @@ def test_logit_kd_by_hand():
 def test_distilling_the_real_teacher_lowers_the_relation_loss(teacher_dir):
     """A tiny MiniMoE student fitted to the packaged teacher's last-layer relations on real sentences:
     the loss falls, the teacher does not change, and every parameter group of the student moves."""
-    from pipeline.model import Student, StudentConfig
-    from pipeline.teacher import Teacher
+    from pipeline.models import Student, StudentConfig
+    from pipeline.models.teacher import Teacher
 
     torch.manual_seed(0)
     teacher = Teacher.from_pretrained(teacher_dir)

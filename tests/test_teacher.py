@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel
 
-from pipeline.model import Student, StudentConfig
-from pipeline.teacher import Teacher
+from pipeline.models import Student, StudentConfig
+from pipeline.models.teacher import Teacher
 
 SENTENCES = ["The cat sat.", "Distillation lifts the curse of capacity gap in language models, they say."]
 

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 
-from data_prep.config_cli import add_config_arguments, config_from_args
+from minimoe_common.cli import add_config_arguments, config_from_args
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.run import is_main_process
 from pipeline.finetune.suite import finetune, suite

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_prep.config_cli import check_output_dir, refuse_invalid
+from minimoe_common.cli import check_output_dir, refuse_invalid
 from pipeline.optim import read_deepspeed_config
 
 # `--grid` without explicit lists. The authors' finetuning scripts use lr 3e-5 with batch 16 on RTE and MRPC

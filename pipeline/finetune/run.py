@@ -8,7 +8,6 @@ import math
 import os
 import json
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -21,14 +20,14 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from data_prep.config_cli import InputError
-from data_prep.shards import write_json
-from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from minimoe_common.cli import InputError
+from minimoe_common.files import write_json, written_dir
+from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.finetune.config import FinetuneConfig, deepspeed_config
 from pipeline.finetune.data import collate, load_task_data
 from pipeline.finetune.scoring import evaluate, majority_baseline
-from pipeline.model import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
-from pipeline.model_files import check_max_seq_length, loading, read_model_config
+from pipeline.models import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
+from pipeline.models.files import check_max_seq_length, loading, read_model_config
 from pipeline.objectives import logit_kd_loss, task_loss
 from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
 from pipeline.tasks import Task, get_task
@@ -92,13 +91,10 @@ def load_teacher(teacher_dir: str | None, task: Task, tokenizer) -> torch.nn.Mod
 
 
 def save_model(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """Write model + tokenizer to `path` through a temporary dir, so `path` is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """Write model + tokenizer to `path` whole, readable by others."""
+    with written_dir(path) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
 
 
 def kd_loss(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

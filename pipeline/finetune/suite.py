@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep.config_cli import changed_fields
-from data_prep.shards import write_json
+from minimoe_common.cli import changed_fields
+from minimoe_common.files import write_json
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.run import is_main_process, train_run
 from pipeline.tasks import PAPER_COLUMNS, TASKS, Task, find_task_dir, get_task

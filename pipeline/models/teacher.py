@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.tokenizer import load_tokenizer
-from pipeline.model import Student, is_student_dir
+from minimoe_common.tokenizer import load_tokenizer
+from pipeline.models import Student, is_student_dir
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Teacher(nn.Module):
             model_type = json.load(f).get("model_type")
         if model_type not in TEACHER_ADAPTERS:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not a supported teacher; supported: "
-                             f"{sorted(TEACHER_ADAPTERS)} and minimoe students (add a QKVAdapter in pipeline/teacher.py)")
+                             f"{sorted(TEACHER_ADAPTERS)} and minimoe students (add a QKVAdapter in pipeline/models/teacher.py)")
         from transformers import AutoModel
 
         adapter = TEACHER_ADAPTERS[model_type]

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from data_prep.config_cli import InputError
+from minimoe_common.cli import InputError
 
 WEIGHTS = "model.safetensors"
 
