@@ -22,6 +22,7 @@ launch options (taken by this script, anywhere on the line):
   --no-ssh           multi-node without ssh: run this script on every node with --node-rank I
   --node-rank I      this node's rank with --no-ssh
   --bind-cores       pin each CPU rank to its own cores (needs numactl; ~25% faster on CPUs)
+  --verbose          the launcher's INFO lines (its per-rank bookkeeping; default: warnings and errors only)
   --dry-run          print the command, do not run it
 
 environment: PYTHON=/path/to/python runs that interpreter's launcher (python -m deepspeed.launcher.runner).
@@ -76,6 +77,7 @@ hostfile=""
 port_given=0
 multi_node=0
 dry_run=0
+log_level=warning
 flags=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -93,6 +95,7 @@ while [[ $# -gt 0 ]]; do
     --no-ssh) multi_node=1; launcher+=(--no_ssh); shift ;;
     --bind-cores) launcher+=(--bind_cores_to_rank); shift ;;
     --dry-run) dry_run=1; shift ;;
+    --verbose) log_level=info; shift ;;
     *) flags+=("$1"); shift ;;
   esac
 done
@@ -101,12 +104,16 @@ if [[ -n "$hostfile" && ! -f "$hostfile" ]]; then
   echo "error: --hostfile $hostfile: no such file" >&2
   exit 2
 fi
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L | wc -l)
+fi
 if [[ -z "$procs" && -z "$hostfile" ]]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    procs=$(nvidia-smi -L | wc -l)
-  else
-    procs=$(cores)
-  fi
+  procs=$(( gpus > 0 ? gpus : $(cores) ))
+fi
+# Without GPUs DeepSpeed falls back to its CPU accelerator anyway, warning so in every process; say it.
+if [[ $gpus -eq 0 ]]; then
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 if [[ -n "$procs" ]]; then
   if ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
@@ -129,7 +136,7 @@ fi
 
 # pipeline/ importable from any working directory (relative paths in FLAGS stay the user's).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-cmd=("${launcher[@]}" --module "pipeline.$command" "${flags[@]}")
+cmd=("${launcher[@]}" --log_level "$log_level" --module "pipeline.$command" "${flags[@]}")
 printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; printf '\n' >&2
 if [[ $dry_run -eq 1 ]]; then exit 0; fi
 exec "${cmd[@]}"

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pipeline.logs import prints_to_stderr
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups, decay on matrices and embeddings only (BERT recipe), split into MoE / non-MoE
@@ -40,7 +42,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     # A lambda, not the schedule object: LambdaLR checkpoints a callable object's attributes and would load
     # the old schedule back over an extended one on resume.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    with prints_to_stderr():  # DeepSpeed's MoE layers print as they create their expert groups
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     plain_fp32 = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     if plain_fp32 and dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False
@@ -99,7 +102,8 @@ def init_distributed() -> None:
         if not built.exists():
             print(f"note: DeepSpeed compiles its {builder.NAME} op on this first run (~40 s; kept in {built.parent})",
                   file=sys.stderr)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    with prints_to_stderr():  # and its communication ops as they load
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
 
 
 def init_single_process() -> None:
