@@ -1,5 +1,6 @@
 """Teacher: the real packaged BERT teacher's Q/K/V reproduce its own attention probabilities; tiny MPNet
-and RoBERTa teachers and an exported student work; the forward stops at the distilled layer."""
+and RoBERTa teachers and an exported student work; the forward stops at the distilled layer. XLM-R, DeBERTa
+and ModernBERT teachers: tests/test_modern_teachers.py."""
 from __future__ import annotations
 
 import json
@@ -104,8 +105,11 @@ def test_unsupported_and_missing_teachers_are_clear_errors(tmp_path):
     student_dir = tmp_path / "student"
     Student(StudentConfig(num_layers=3, hidden_size=24, num_heads=2, vocab_size=50)).save_pretrained(student_dir)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is not a supported teacher"):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is not a supported teacher") as error:
         Teacher.from_pretrained(tmp_path)
+    message = str(error.value)  # one line, naming every supported type
+    assert "\n" not in message and ("supported: bert, deberta-v2, distilbert, electra, modernbert, mpnet, roberta, "
+                                    "xlm-roberta and minimoe students") in message
     with pytest.raises(ValueError, match="teacher layer 6 is out of range for a 3-layer teacher"):
         Teacher.from_pretrained(student_dir, layer=6)
     with pytest.raises(FileNotFoundError, match="nowhere/config.json: no such file"):
