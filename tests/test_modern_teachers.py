@@ -31,16 +31,17 @@ SENTENCES = ["The cat sat on the mat.", "Anarchism is a political philosophy tha
 @pytest.fixture(scope="session")
 def sp_tokenizer_dir(tmp_path_factory) -> Path:
     """An XLM-R style sentencepiece tokenizer (Unigram + Metaspace, <s>=0 <pad>=1 </s>=2 <unk>=3) trained on the
-    bundled sample: 500 pieces, 65536 never-matching filler pieces after the specials, so its vocabulary has 66036 ids and
-    real text maps to ids above 65535, as XLM-R's 250K vocabulary does (training a 250K vocabulary would take
-    minutes and needs far more text than the sample)."""
+    bundled sample: 500 pieces, and 65536 never-matching filler pieces after the specials, so that its vocabulary
+    has 66036 ids and real text maps to ids above 65535, as XLM-R's 250K vocabulary does (training a 250K
+    vocabulary would take minutes and needs far more text than the sample)."""
     from tokenizers import Tokenizer, pre_tokenizers, trainers
     from tokenizers.models import Unigram
 
     lines = [line for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line and not line.startswith("<")]
     trained = Tokenizer(Unigram())
     trained.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
-    trained.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=500, special_tokens=SPECIALS, unk_token="<unk>"))
+    trainer = trainers.UnigramTrainer(vocab_size=500, special_tokens=SPECIALS, unk_token="<unk>")
+    trained.train_from_iterator(lines, trainer)
     pieces = [tuple(piece) for piece in json.loads(trained.to_str())["model"]["vocab"]]
     assert [p for p, _ in pieces[:5]] == SPECIALS
     filler = [(f"<unused{i}>", -1e4) for i in range(FILLER)]
@@ -159,11 +160,12 @@ def test_deberta_v2_qkv_are_the_content_projections(tmp_path, version):
 
 @pytest.fixture(scope="module")
 def modernbert_dir(tmp_path_factory) -> Path:
-    """Tiny ModernBERT: 3 layers, global attention on layer 0, a +-2 token sliding window on layers 1 and 2."""
+    """Tiny ModernBERT: 3 layers, global attention on layers 0 and 2, a +-2 token sliding window on layer 1."""
     torch.manual_seed(0)
     config = ModernBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              intermediate_size=96, global_attn_every_n_layers=2, local_attention=4, initializer_range=PEAKED,
-                              pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+                              intermediate_size=96, global_attn_every_n_layers=2, local_attention=4,
+                              initializer_range=PEAKED, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              cls_token_id=1, sep_token_id=2)
     path = tmp_path_factory.mktemp("modernbert")
     ModernBertModel(config).eval().save_pretrained(path)
     return path
@@ -258,4 +260,5 @@ def test_xlm_roberta_end_to_end_int32_shards_then_distillation(xlmr_dir, sp_toke
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     state = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
-    assert [state["student"][k] for k in ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id")] == [VOCAB, 1, 0, 2]
+    student = state["student"]
+    assert [student[k] for k in ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id")] == [VOCAB, 1, 0, 2]
