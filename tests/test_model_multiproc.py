@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launcher import free_port
 from pipeline.models import Student
 
 WORKER = Path(__file__).with_name("ep_save_worker.py")
@@ -40,3 +41,13 @@ def test_ep_size_2_save_gathers_experts_and_loads_in_one_process(tmp_path):
         out = model(ids, torch.ones_like(ids)).last_hidden_state
     for rank in (0, 1):  # DeepSpeed's all-to-all forward on two ranks == our single-process forward
         torch.testing.assert_close(out, torch.load(tmp_path / f"out{rank}.pt", weights_only=True), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.multiproc
+def test_ep_size_2_exact_count_exchange_equals_deepspeeds_padded_dispatch(tmp_path):
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    worker = Path(__file__).with_name("ep_dispatch_worker.py")
+    result = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(worker), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok0", "ok1"]

@@ -7,6 +7,7 @@ import copy
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
@@ -97,22 +98,55 @@ def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None
     return choice, probs.gather(1, choice[:, None]), l_aux, counts
 
 
-def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: torch.Tensor | None):
-    """Top-1 MoE FFN on one rank, nothing dropped: `moe.gate` routes (route_top1), tokens are grouped by a stable
-    sort by expert and each group goes through its expert of `moe.experts.deepspeed_experts`; no capacity padding,
-    nothing exchanged. -> (output like hidden_states, l_aux, tokens per expert (E,))."""
+def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: torch.Tensor | None,
+                    ep_group: "dist.ProcessGroup | None" = None):
+    """Top-1 MoE FFN, nothing dropped, no capacity padding: `moe.gate` routes (route_top1) and tokens are grouped by
+    a stable sort by expert. On one rank each group goes through its expert of `moe.experts.deepspeed_experts`;
+    with an expert-parallel group the groups travel to the ranks holding their experts in exact counts
+    (`exchange`). -> (output like hidden_states, l_aux, tokens per expert (E,) on this rank)."""
     x = hidden_states.reshape(-1, hidden_states.size(-1))  # (S, H)
     choice, gate_value, l_aux, counts = route_top1(moe.gate, x, used_token)
+    # Sort tokens by expert; padding (used_token 0) gets the extra id E, sorts last and is left out.
+    expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, counts.numel())
+    order = torch.sort(expert_of, stable=True)[1][:int(counts.sum())]
     experts = moe.experts.deepspeed_experts
-    # Sort tokens by expert; padding (used_token 0) gets the extra id E and sorts last, unrouted.
-    expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, len(experts))
-    order = torch.sort(expert_of, stable=True)[1]
-    *chunks, padding = x.index_select(0, order).split(counts.tolist() + [x.size(0) - int(counts.sum())])
-    out = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)] + [torch.zeros_like(padding)])
-    # Back to token order, scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
-    y = torch.empty_like(out).index_copy_(0, order, out) * gate_value
+    if ep_group is None:
+        out = run_experts(experts, x.index_select(0, order), counts)
+    else:
+        out = exchange(experts, x.index_select(0, order), counts, ep_group)
+    # Back to token order (padding: zeros), scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
+    y = out.new_zeros(x.shape).index_copy(0, order, out) * gate_value
     moe.l_aux, moe.exp_counts = l_aux, counts
     return y.to(x.dtype).view_as(hidden_states), l_aux, counts
+
+
+def run_experts(experts: nn.ModuleList, grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert (counts[e] rows for expert e, in order) -> each group through its expert."""
+    return torch.cat([expert(chunk) for expert, chunk in zip(experts, grouped.split(counts.tolist()))])
+
+
+def exchange(experts: nn.ModuleList, grouped: torch.Tensor, counts: torch.Tensor,
+             group: "dist.ProcessGroup") -> torch.Tensor:
+    """Expert parallelism in exact counts: this rank's tokens, grouped by global expert (counts (E,)), go to the
+    ranks holding their experts (rank r holds experts r*L .. r*L+L-1), each rank runs its L experts on what
+    arrived and the outputs come back in the order they left. One all-to-all of the counts, then
+    all_to_all_single with those split sizes each way, where DeepSpeed's layer pads every expert to the busiest
+    one's count."""
+    # Differentiable (gradients go back the way the tokens came); waited on at first use.
+    from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
+
+    ranks = dist.get_world_size(group)
+    arriving = torch.empty_like(counts)  # from rank r for local expert l, at r*L + l
+    dist.all_to_all_single(arriving, counts, group=group)
+    arriving = arriving.view(ranks, -1)
+    send, receive = counts.view(ranks, -1).sum(1).tolist(), arriving.sum(1).tolist()
+    arrived = all_to_all(grouped, receive, send, group)
+    # Regroup what arrived (by source rank, then expert) by local expert, run the experts, undo the regrouping.
+    local_expert = torch.arange(arriving.size(1), device=counts.device).repeat(ranks)
+    regroup = torch.sort(local_expert.repeat_interleave(arriving.flatten()), stable=True)[1]
+    out = run_experts(experts, arrived.index_select(0, regroup), arriving.sum(0))
+    out = torch.empty_like(out).index_copy(0, regroup, out)
+    return all_to_all(out, send, receive, group)
 
 
 class TorchMoE(nn.Module):
@@ -146,18 +180,20 @@ def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deep
     from deepspeed.moe.layer import MoE  # imported here: importing deepspeed costs ~3 s
 
     class SortedDispatchMoE(MoE):
-        """deepspeed.moe.layer.MoE whose local top-1, no-drop case takes the sorted dispatch.
+        """deepspeed.moe.layer.MoE whose top-1, no-drop case takes the sorted dispatch.
 
-        DeepSpeed's dispatch pads every expert to a common capacity and copies tokens through
-        (E, C, H) buffers; with one expert-parallel rank and nothing dropped there is nothing to pad
-        or exchange (BENCHMARKS.md, "Models"). The routing, noise, aux loss and counts are DeepSpeed's
-        top1gating, step for step; with ep_size > 1, token dropping or top-2 the DeepSpeed path runs."""
+        DeepSpeed's dispatch pads every expert to a common capacity (without dropping: the busiest expert's
+        count over the expert group) and copies and exchanges tokens through (E, C, H) buffers; the sorted
+        dispatch moves exact counts (BENCHMARKS.md, "Models", "Expert parallelism"). The routing, noise, aux
+        loss and counts are DeepSpeed's top1gating, step for step; with token dropping or top-2 DeepSpeed's path
+        runs."""
 
         def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
             gate = self.deepspeed_moe.gate
-            if self.ep_size > 1 or gate.drop_tokens or gate.k != 1:
+            if gate.drop_tokens or gate.k != 1:
                 return super().forward(hidden_states, used_token)
-            return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token)
+            ep_group = self.deepspeed_moe.ep_group if self.ep_size > 1 else None
+            return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token, ep_group)
 
     block = SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts, ep_size=ep_size,
                               k=config.top_k, capacity_factor=config.capacity_factor,
