@@ -34,7 +34,7 @@ from data_prep.pairs import create_pairs
 from data_prep.readers import ReadCounts, read_documents, resolve_inputs
 from data_prep.sentences import split_sentences
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, pairs_to_batch, shard_name, shard_schema, token_dtype
-from minimoe_common.tokenizer import load_tokenizer, packaged_teacher_dir, special_ids, tokenizer_fingerprint
+from minimoe_common.tokenizer import TextTokenizer, packaged_teacher_dir, special_ids, tokenizer_fingerprint
 
 PLAN = "plan.json"
 ENCODE_BATCH = 4096  # sentences per call to the tokenizer: bounds its per-token objects in memory
@@ -56,12 +56,12 @@ def default_tokenizer() -> str:
 
 
 def open_tokenizer(path: str):
-    """(the Hugging Face tokenizer, its Rust tokenizer set up for raw text), or a one-line error.
+    """(the tokenizer, its Rust tokenizer set up for raw text), or a one-line error.
 
     The Rust tokenizer gets no truncation or padding (tokenizer.json files often carry the model's
     max_length=128), and reads "[SEP]" written in a document as text, not as the special token."""
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = TextTokenizer(path)
     except Exception as e:  # OSError, ValueError, ...: all mean "not a usable tokenizer directory"
         raise DataPrepError(f"--tokenizer {path}: cannot load a fast tokenizer: {str(e).splitlines()[0]}") from None
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")
 # The parts of a tokenizer.json that decide the ids of a text.
 TEXT_TO_IDS = ("normalizer", "pre_tokenizer", "model", "added_tokens", "post_processor")
+VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when a tokenizer does not set one
 
 
 def packaged_teacher_dir() -> Path | None:
@@ -42,6 +43,37 @@ def load_tokenizer(path: str) -> "PreTrainedTokenizerFast":
     return tokenizer
 
 
+class TextTokenizer:
+    """A fast tokenizer dir read with the `tokenizers` library alone: its tokenizer.json, and the special tokens and
+    model_max_length of tokenizer_config.json / special_tokens_map.json (the latter wins, as in transformers).
+    Data prep uses it, as importing transformers costs seconds in every process. It has the parts of transformers'
+    tokenizer that data prep reads (backend_tokenizer, the special ids, len, model_max_length, decode), with the
+    same values and fingerprint (tests/test_data_prep_build.py)."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        directory = Path(path)
+        if not (directory / "tokenizer.json").is_file():
+            raise ValueError(f"{path}: no tokenizer.json found; a fast tokenizer is required")
+        self.backend_tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        declared: dict = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (directory / name).is_file():
+                declared.update(json.loads((directory / name).read_text(encoding="utf-8")))
+        self.model_max_length = int(declared.get("model_max_length") or VERY_LARGE_INTEGER)
+        for name in SPECIAL_TOKENS:
+            token = declared.get(name)
+            content = token.get("content") if isinstance(token, dict) else token
+            setattr(self, f"{name}_id", None if content is None else self.backend_tokenizer.token_to_id(content))
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def special_ids(tokenizer) -> dict[str, int | None]:
     """Ids of [CLS], [SEP], [PAD], [MASK], [UNK] (or their RoBERTa/MPNet equivalents)."""
     return {name: getattr(tokenizer, f"{name}_id", None) for name in SPECIAL_TOKENS}
@@ -54,6 +86,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     Two tokenizers with the same fingerprint map every text to the same ids, so shards built with one can
     be fed to a teacher that uses the other (a cased and an uncased tokenizer of one vocabulary differ)."""
-    pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
+    # Floats (Unigram scores) to 12 digits: transformers and `tokenizers` alone load one file to scores 1 ulp apart.
+    pipeline = json.loads(tokenizer.backend_tokenizer.to_str(), parse_float=lambda text: round(float(text), 12))
     payload = {"tokenizer": {part: pipeline.get(part) for part in TEXT_TO_IDS}, "special": special_ids(tokenizer)}
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()

@@ -254,3 +254,15 @@ def test_real_wikipedia_decodes_back_to_input_text(shared_data, teacher_dir, tmp
                     assert normalize(piece) in corpus
                     checked += 1
     assert checked > 50
+
+
+def test_data_prep_does_not_import_transformers(tmp_path, teacher_dir):
+    """Importing transformers costs seconds in the driver and in every worker: data prep reads tokenizers with the
+    `tokenizers` library alone."""
+    code = ("import sys\nfrom data_prep.__main__ import main\n"
+            f"assert main(['build', '--input', {str(REPO / 'examples/data/wiki_sample')!r}, '--output', "
+            f"{str(tmp_path / 'out')!r}, '--tokenizer', {str(teacher_dir)!r}, '--workers', '1']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -262,3 +262,21 @@ def test_xlm_roberta_end_to_end_int32_shards_then_distillation(xlmr_dir, sp_toke
     state = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     student = state["student"]
     assert [student[k] for k in ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id")] == [VOCAB, 1, 0, 2]
+
+
+@pytest.mark.parametrize("kind", ["packaged BERT WordPiece", "sentencepiece Unigram"])
+def test_data_preps_tokenizer_reads_what_transformers_reads(kind, teacher_dir, sp_tokenizer_dir):
+    """Data prep reads tokenizer dirs with the `tokenizers` library alone; the distiller checks its fingerprint
+    against transformers' tokenizer of the teacher, so the two must agree on everything that decides the ids."""
+    from data_prep.build import open_tokenizer
+    from minimoe_common.tokenizer import special_ids, tokenizer_fingerprint
+
+    path = teacher_dir if kind.startswith("packaged") else sp_tokenizer_dir
+    (light, encoder), full = open_tokenizer(str(path)), load_tokenizer(str(path))
+    assert (len(light), light.model_max_length) == (len(full), full.model_max_length)
+    assert special_ids(light) == special_ids(full) and None not in (light.cls_token_id, light.sep_token_id)
+    assert tokenizer_fingerprint(light) == tokenizer_fingerprint(full)
+    for text in SENTENCES:
+        ids = full(text, add_special_tokens=False)["input_ids"]
+        assert encoder.encode(text, add_special_tokens=False).ids == ids
+        assert light.decode(ids) == full.decode(ids)
