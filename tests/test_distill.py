@@ -86,7 +86,8 @@ def test_shipped_deepspeed_configs(path):
             return
     ds = distill.deepspeed_config(cfg, 1)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (3, 2, 5.0)
-    assert distill.compute_dtype(ds) == (torch.bfloat16 if "bf16" in path.name else torch.float32)
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(path.stem.rsplit("-", 1)[-1], torch.float32)
+    assert distill.compute_dtype(ds) == expected
 
 
 @pytest.mark.parametrize("global_batch, micro, world, accum", [
