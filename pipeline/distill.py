@@ -35,11 +35,12 @@ from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
 from pipeline.models import TINYBERT_PROJECTION, Student, StudentConfig
 from pipeline.models.moe import localize_experts
+from pipeline.models.files import check_max_seq_length, loading
 from pipeline.models.teacher import Teacher
 from pipeline.objectives import attention_scores, minilm_relation_loss, tinybert_loss
-from pipeline.models.files import check_max_seq_length, loading
 from pipeline.optim import (LinearSchedule, build_engine, check_finite, init_distributed, init_single_process,
                             read_deepspeed_config)
+from pipeline.plots import plot_run
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
@@ -392,13 +393,14 @@ class RunLog:
     def close(self) -> None:
         if self.rank == 0:
             self.writer.close()
+            self.curves = plot_run(self.cfg.output)
 
     def summary(self, checkpoint_dir: Path) -> str:
         """The closing lines of a run: final losses, what it saw, where its checkpoint is, how to export it."""
         losses = ", ".join(f"{k} {self.last[k]:.4f}" for k in self.parts) if self.last else "no step trained"
         samples = f"{self.last['samples']:,} samples, " if self.last else ""
         return (f"done: step {self.total_steps}: {losses}; {samples}{self.tokens_seen:,} tokens seen\n"
-                f"checkpoint: {checkpoint_dir}\nexport: minimoe-export {self.cfg.output} OUT_DIR")
+                f"curves: {self.curves}\ncheckpoint: {checkpoint_dir}\nexport: minimoe-export {self.cfg.output} OUT_DIR")
 
 
 def set_cpu_threads() -> None:

@@ -370,6 +370,11 @@ def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_wi
     events = EventAccumulator(str(full / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/attention", "train/hidden", "train/aux"} <= set(events.Tags()["scalars"])
+    # The run's picture, named in the closing lines: the loss panel and one of expert shares per MoE layer (1 here).
+    from PIL import Image
+
+    assert f"curves: {full / 'curves.png'}" in capsys.readouterr().err
+    assert Image.open(full / "curves.png").size == (2 * 462, 374)  # 4.2 x 3.4 inches per panel at 110 dpi
 
     # Exact resume: step 2 again from the step-1 checkpoint (projection and its AdamW moments included).
     resumed = tmp_path / "resumed"
