@@ -4,8 +4,8 @@ The paper leaves this as future work after its memory-efficiency table (Sec. 5):
 fast-decaying singular-value spectrum lose little when truncated. Each FFN matrix W (out, in) keeps
 the singular values above `threshold` x the largest, W ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T), stored as
 `pipeline.models.LowRankLinear` (down: (r, in), up: (out, r) + the original bias) where that is smaller
-than W. The output is a normal student dir (config.json records `ffn_ranks`): it loads, finetunes and
-can be compressed again.
+than W. The input is an exported student dir (a dense one exported as BERT too); the output is a normal student
+dir (config.json records `ffn_ranks`, so it is not BERT any more): it loads, finetunes and can be compressed again.
 
     python -m pipeline.compress DIR OUT --threshold 0.1
 """
@@ -22,8 +22,9 @@ from minimoe_common.cli import check_output_dir
 from minimoe_common.files import written_dir
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.experts import KEEP_THRESHOLD, factored_params, ffn_weight, kept_rank
-from pipeline.models import LowRankLinear, Student, StudentConfig
-from pipeline.models.files import loading
+from pipeline.models import LowRankLinear, Student
+from pipeline.models.files import read_model_config
+from pipeline.models.hf_export import load_student
 
 
 def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +57,9 @@ def compress(student: Student, threshold: float = KEEP_THRESHOLD) -> Student:
 def compress_dir(model_dir: str | Path, output: str | Path, threshold: float) -> dict:
     """Compress an exported student dir into `output` (written under a temporary name, then renamed)."""
     model_dir, output = Path(model_dir), Path(output)
-    if StudentConfig.load(model_dir).architectures not in (None, ["Student"]):
+    if read_model_config(model_dir).get("architectures") not in (None, ["Student"], ["BertModel"]):
         raise ValueError(f"{model_dir}: a finetuned task-head dir; compress the exported student, then finetune it")
-    with loading(model_dir):
-        student = Student.from_pretrained(model_dir)
+    student = load_student(model_dir)
     compressed = compress(student, threshold)
     with written_dir(output) as tmp:
         compressed.save_pretrained(tmp)

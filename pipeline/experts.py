@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.models import EXPERT_KEY, LowRankLinear, Student
+from pipeline.models.hf_export import load_student
 
 THRESHOLDS = (0.2, 0.1, 0.05)
 KEEP_THRESHOLD = 0.1
@@ -112,5 +113,5 @@ def add_experts_parser(subparsers) -> None:
     p = subparsers.add_parser("experts", help="singular-value spectrum of the FFN / each expert (memory-efficiency table)")
     p.add_argument("models", nargs="+", help="exported student dirs (dense or MiniMoE; finetuned head dirs too)")
     p.add_argument("--threshold", type=float, default=KEEP_THRESHOLD, help="threshold of the params-kept column")
-    p.set_defaults(func=lambda args: print("\n".join(f"## {m}\n\n" + analyse(Student.from_pretrained(m), args.threshold).markdown()
+    p.set_defaults(func=lambda args: print("\n".join(f"## {m}\n\n" + analyse(load_student(m), args.threshold).markdown()
                                                     for m in args.models)))
