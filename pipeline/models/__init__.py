@@ -7,6 +7,7 @@
     heads     StudentForSequenceClassification, StudentForTokenClassification
     teacher   any Hugging Face encoder (or a student) as a frozen teacher exposing one layer's Q/K/V
     files     model dirs where they enter a command (config, positions, load errors)
+    hf_export dense students as plain BERT checkpoints (minimoe-export) and back (load_student)
 
 save_pretrained / from_pretrained are transformers' own (config.json + model.safetensors). MoE blocks are plain
 torch (TorchMoE, for one process: a loaded model needs no DeepSpeed) or, built with `deepspeed_moe=True` for
