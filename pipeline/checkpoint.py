@@ -4,22 +4,29 @@ Layout (CHECKPOINTS = OUTPUT/checkpoints):
     step-00001000/   DeepSpeed files (mp_rank_00_model_states.pt, layer_*_expert_*_model_states.pt,
                      *_optim_states.pt), trainer_state.json (step, data cursor, layout, configs),
                      rng-rank00000.pt ... (one per rank), tokenizer/ (so the checkpoint exports alone)
+                     checksums.json (size and sha256 of every other file, written once all ranks wrote)
     latest           the tag of the newest COMPLETE checkpoint, replaced atomically after every rank wrote
+
+A rank killed mid-save leaves `latest` on the previous checkpoint. A checkpoint damaged later (a truncated or
+overwritten file) fails its checksums on resume, which then falls back to the newest intact one, saying so.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from minimoe_common.files import write_text
+from minimoe_common.files import file_sha256, write_json, write_text
 
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
 LATEST = "latest"
 
 
@@ -70,6 +77,7 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer
         write_text(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk: only now is the checkpoint complete
     if rank == 0:
+        write_json(step_dir / CHECKSUMS, checksums(step_dir))
         write_text(root / LATEST, tag)
         done = sorted(d for d in root.glob("step-*") if d.name <= tag)
         unfinished = [d for d in root.glob("step-*") if d.name > tag]  # left by a run that died mid-save
@@ -79,17 +87,57 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer
     return step_dir
 
 
-def resume(engine, root: Path, layout: dict[str, Any], student: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Load the latest checkpoint under `root` into `engine`; -> (trainer state, exact).
+def checksums(step_dir: Path) -> dict[str, list]:
+    """Every file of a checkpoint (the shared filesystem's view: all ranks' files) -> [bytes, sha256]."""
+    files = sorted(p for p in Path(step_dir).rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    return {str(p.relative_to(step_dir)): [p.stat().st_size, file_sha256(p)] for p in files}
+
+
+def damage(step_dir: Path) -> str | None:
+    """What is wrong with a checkpoint's files (the first missing, resized or changed one), or None if intact.
+    Checkpoints from before checksums have only their trainer state checked."""
+    path = Path(step_dir) / CHECKSUMS
+    if not path.is_file():
+        state = Path(step_dir) / TRAINER_STATE
+        return None if state.is_file() else f"{state} is missing"
+    found = checksums(step_dir)
+    for name, (size, digest) in json.loads(path.read_text()).items():
+        if name not in found:
+            return f"{Path(step_dir) / name} is missing"
+        if found[name] != [size, digest]:
+            what = f"{found[name][0]} bytes, {size} written" if found[name][0] != size else "its sha256 changed"
+            return f"{Path(step_dir) / name} is damaged ({what})"
+    return None
+
+
+def resume_tag(root: Path) -> str:
+    """The checkpoint to resume: `latest` when intact, else the newest intact older one (said in one line on
+    stderr), else an error naming the damage."""
+    root = Path(root)
+    latest = latest_tag(root)
+    if latest is None:
+        raise FileNotFoundError(f"{root / LATEST}: no such file; nothing to resume (run without --resume)")
+    problems = []
+    older = sorted((d for d in root.glob("step-*") if d.name < latest), reverse=True)
+    for step_dir in [root / latest, *older]:
+        problem = damage(step_dir)
+        if problem is None:
+            if problems and int(os.environ.get("RANK", "0")) == 0:
+                print(f"warning: {problems[0]}; resuming from {step_dir.name}, the newest intact checkpoint",
+                      file=sys.stderr)
+            return step_dir.name
+        problems.append(problem)
+    raise ValueError(f"{problems[0]}; and no older intact checkpoint under {root} to resume from")
+
+
+def resume(engine, root: Path, tag: str, layout: dict[str, Any], student: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Load checkpoint `tag` (from `resume_tag`) under `root` into `engine`; -> (trainer state, exact).
 
     `student`: this run's StudentConfig dict; the checkpoint's must match it up to ep_size.
 
     Same layout (world size, ep_size, ZeRO stage, precision): the full state and this rank's RNG,
     so training continues exactly. Another layout: weights only (DeepSpeed cannot reshard ZeRO
     optimizer state), exact=False and the optimizer starts afresh."""
-    tag = latest_tag(root)
-    if tag is None:
-        raise FileNotFoundError(f"{Path(root) / LATEST}: no such file; nothing to resume (run without --resume)")
     state = read_trainer_state(Path(root) / tag)
     saved = state["student"]  # (a field newer than the checkpoint shows as None -> its value)
     changed = [f"{k} {saved.get(k)!r} -> {student.get(k)!r}" for k in sorted(saved.keys() | student.keys())

@@ -13,26 +13,39 @@ import numpy as np
 import torch
 
 from data_prep.shards import MANIFEST, read_manifest, read_shard
+from minimoe_common.cli import InputError
+from minimoe_common.files import file_sha256
 
 
 class ShardDataset:
     """All samples of a shard dir, zero-copy views into memory-mapped Arrow files.
 
-    `dataset[i]` -> (input_ids, token_type_ids), two 1-D numpy arrays of the sample's length."""
+    `dataset[i]` -> (input_ids, token_type_ids), two 1-D numpy arrays of the sample's length.
 
-    def __init__(self, shard_dir: str | Path):
+    Shards damaged after the build are refused, naming the file: row and token counts against the manifest, ids
+    within the vocabulary and segment ids 0/1 (always: one pass over the tokens), the sha256 with `verify`."""
+
+    def __init__(self, shard_dir: str | Path, verify: bool = False):
         self.dir = Path(shard_dir)
         self.manifest_path = self.dir / MANIFEST
         self.manifest = read_manifest(self.dir)
         # Per shard: flat token arrays and row offsets, so sample i is values[offsets[i]:offsets[i + 1]].
         self._ids, self._types, self._offsets, counts = [], [], [], []
+        vocab_size = self.manifest["tokenizer"]["vocab_size"]
         for entry in self.manifest["shards"]:
+            path = self.dir / entry["file"]
+            if verify and path.is_file() and file_sha256(path) != entry["sha256"]:
+                raise InputError(f"{path}: its sha256 is not the one in {MANIFEST}: changed after the build; rebuild it")
             table = read_shard(self.dir, entry)
             ids, types = (table.column(name).combine_chunks() for name in ("input_ids", "token_type_ids"))
             self._offsets.append(ids.offsets.to_numpy())
             self._ids.append(ids.values.to_numpy(zero_copy_only=True))
             self._types.append(types.values.to_numpy(zero_copy_only=True))
             counts.append(table.num_rows)
+            for name, values, bound in (("token id", self._ids[-1], vocab_size), ("segment id", self._types[-1], 2)):
+                if len(values) and int(values.max()) >= bound:
+                    raise InputError(f"{path}: {name} {int(values.max())} is not below {bound}: damaged after the "
+                                     f"build; rebuild it")
         self._starts = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first sample
         tokenizer = self.manifest["tokenizer"]
         self.fingerprint: str = tokenizer["fingerprint"]

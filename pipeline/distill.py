@@ -51,7 +51,7 @@ LOSS_PARTS = {"minilm": ("loss", "qq", "kk", "vv", "aux"),  # the three relation
 # (the global batch stays), the output dir (a copied run) and the logging. Every other field is the method
 # (teacher, layer, objective, student, data, optimizer recipe) and must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "micro_batch_size", "deepspeed_config", "ep_size", "output", "log_every",
-                     "save_every", "keep", "resume", "collapse_threshold", "collapse_window")
+                     "save_every", "keep", "resume", "collapse_threshold", "collapse_window", "verify_shards")
 PATH_FIELDS = ("teacher", "shards", "student_config")  # compared as real paths
 
 
@@ -115,6 +115,9 @@ class DistillConfig:
     """Steps between checkpoints (one is also written at the end)."""
     keep: int = 3
     """Checkpoints kept (the newest)."""
+    verify_shards: bool = False
+    """Check every shard's sha256 against the manifest before training (reads every byte once); the cheap checks
+    (row and token counts, ids within the vocabulary) always run."""
     resume: bool = False
     """Continue from OUTPUT/checkpoints/latest (exactly, on the same layout; weights only on another world size or ep_size). Only --max-steps/--epochs (a longer or shorter run: the learning rate decays from its current value to 0 at the new end), the layout flags, --micro-batch-size and the logging flags may differ from the checkpoint's run; other changes are refused."""
     collapse_threshold: float = 0.05
@@ -435,9 +438,7 @@ def checkpoint_to_resume(cfg: DistillConfig) -> dict[str, Any]:
     """The trainer state of OUTPUT/checkpoints/latest, refused when this run changes a field outside
     RESUME_MAY_CHANGE: a resumed run is the same distillation, made longer or moved to other ranks."""
     root = Path(cfg.output) / "checkpoints"
-    tag = checkpoint.latest_tag(root)
-    if tag is None:
-        raise FileNotFoundError(f"{root / checkpoint.LATEST}: no such file; nothing to resume (run without --resume)")
+    tag = checkpoint.resume_tag(root)
     state = checkpoint.read_trainer_state(root / tag)
     changed = changed_fields(state["config"], dataclasses.asdict(cfg), paths=PATH_FIELDS, keep=RESUME_MAY_CHANGE)
     if changed:
@@ -462,10 +463,11 @@ def lr_schedule(cfg: DistillConfig, total_steps: int, resumed: dict[str, Any] | 
     return schedule
 
 
-def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, Any], student: dict[str, Any]) -> int:
-    """Load OUTPUT/checkpoints/latest; -> the step to continue from. On another layout only the weights
+def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, Any], student: dict[str, Any],
+           tag: str) -> int:
+    """Load checkpoint `tag` (checkpoint_to_resume's); -> the step to continue from. On another layout only the weights
     load: the schedule is set to the step, AdamW moments start at zero, and the user is told."""
-    state, exact = checkpoint.resume(engine, Path(cfg.output) / "checkpoints", layout, student)
+    state, exact = checkpoint.resume(engine, Path(cfg.output) / "checkpoints", tag, layout, student)
     step = state["step"]
     loader.load_state_dict(state["data"])
     if not exact:
@@ -520,7 +522,7 @@ def distill(cfg: DistillConfig) -> None:
         raise ValueError(f"--ep-size {cfg.ep_size} does not divide the world size {world}")
 
     teacher = load_teacher(cfg, compute_dtype(ds))
-    shards = ShardDataset(cfg.shards)
+    shards = ShardDataset(cfg.shards, verify=cfg.verify_shards)
     shards.check_fingerprint(tokenizer_fingerprint(teacher.tokenizer), cfg.teacher)
     config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
     check_lengths(shards, cfg.teacher, config.max_position_embeddings)
@@ -542,7 +544,7 @@ def distill(cfg: DistillConfig) -> None:
     layout = {"world_size": world, "ep_size": cfg.ep_size, "zero_stage": engine.zero_optimization_stage(),
               "dtype": str(compute_dtype(ds))}
     if cfg.resume:
-        step = resume(cfg, engine, loader, layout, config.student_dict())
+        step = resume(cfg, engine, loader, layout, config.student_dict(), checkpoint.tag_for(resumed["step"]))
     else:
         step = 0
         seed_rank(cfg.seed, rank, step)

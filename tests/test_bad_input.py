@@ -183,7 +183,7 @@ def test_resume_refuses_another_method_and_allows_more_steps(tmp_path, monkeypat
     from pipeline import checkpoint
 
     cfg = distill.DistillConfig(teacher="t", shards="s", output=str(tmp_path), max_steps=4)
-    monkeypatch.setattr(checkpoint, "latest_tag", lambda root: "step-00000002")
+    monkeypatch.setattr(checkpoint, "resume_tag", lambda root: "step-00000002")
     monkeypatch.setattr(checkpoint, "read_trainer_state", lambda step_dir: resume_state(cfg, 2))
     changed = dataclasses.replace(cfg, teacher="other", teacher_layer=-2, lr=1e-3, experts=1, max_steps=8, keep=5)
     with pytest.raises(ValueError, match=re.escape(
@@ -216,8 +216,9 @@ def test_resumed_distillation_lr_is_continuous_and_runs_without_the_launcher(tmp
     assert first.returncode == 0, first.stderr
     lines = first.stderr.strip().splitlines()
     assert re.fullmatch(r"done: step 4: loss [\d.]+, qq [\d.]+, kk [\d.]+, vv [\d.]+, aux [\d.]+; 16 samples, "
-                        r"\d{2,},?\d* tokens seen", lines[-3])
-    assert lines[-2:] == [f"checkpoint: {run / 'checkpoints' / 'step-00000004'}", f"export: minimoe-export {run} OUT_DIR"]
+                        r"\d{2,},?\d* tokens seen", lines[-4])
+    assert lines[-3:] == [f"curves: {run / 'curves.png'}", f"checkpoint: {run / 'checkpoints' / 'step-00000004'}",
+                          f"export: minimoe-export {run} OUT_DIR"]
     # --log-every 10 > 4 steps: the last step is logged all the same, with the mean over the interval
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [4]
 

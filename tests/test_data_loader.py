@@ -134,3 +134,31 @@ def test_too_few_samples_for_one_global_batch(tmp_path):
     write_shards(tmp_path, [3])
     with pytest.raises(ValueError, match=r"3 samples, fewer than one global micro batch \(2 x 2 ranks\)"):
         ShardLoader(ShardDataset(tmp_path), micro_batch_size=2, rank=0, world_size=2, seed=0)
+
+
+def test_shards_damaged_after_the_build_are_refused_by_name(tmp_path):
+    from minimoe_common.files import file_sha256
+
+    write_shards(tmp_path, [3])
+    shard, manifest_path = tmp_path / "shard-00000.arrow", tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["sha256"] = file_sha256(shard)
+    manifest_path.write_text(json.dumps(manifest))
+    intact = shard.read_bytes()
+    first = np.array([CLS, 1000, SEP], dtype=np.uint16).tobytes()  # sample 0's first segment, once in the file
+    assert intact.count(first) == 1
+
+    def damaged(token: int) -> None:
+        shard.write_bytes(intact.replace(first, np.array([CLS, token, SEP], dtype=np.uint16).tobytes()))
+
+    damaged(0xFFE8)  # a flipped high byte: an id outside the vocabulary, caught without reading the digest
+    with pytest.raises(ValueError, match=rf"^{shard}: token id 65512 is not below 30522: damaged after the build; "
+                                         "rebuild it$"):
+        ShardDataset(tmp_path)
+    damaged(1001)  # another real id: only the sha256 tells
+    assert ShardDataset(tmp_path)[0][0].tolist() == [CLS, 1001, SEP, 2000, SEP]
+    with pytest.raises(ValueError, match=rf"^{shard}: its sha256 is not the one in manifest.json: changed after the "
+                                         "build; rebuild it$"):
+        ShardDataset(tmp_path, verify=True)
+    shard.write_bytes(intact)
+    assert ShardDataset(tmp_path, verify=True)[0][0].tolist() == [CLS, 1000, SEP, 2000, SEP]

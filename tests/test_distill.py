@@ -256,17 +256,38 @@ def test_checkpoints_keep_newest_and_resume_restores_rng(tmp_path, deepspeed_ran
     assert (tmp_path / "latest").read_text() == "step-00000005"
     expected = torch.rand(3)  # what the run would have drawn next after saving step 5
     torch.manual_seed(1234)
-    state, exact = checkpoint.resume(engine, tmp_path, layout, student)
+    state, exact = checkpoint.resume(engine, tmp_path, checkpoint.resume_tag(tmp_path), layout, student)
     assert exact and state["step"] == 5 and engine.loads == [("step-00000005", False)]
     assert torch.equal(torch.rand(3), expected)
     # Another layout: weights only. Another student: refused before DeepSpeed reads anything.
-    state, exact = checkpoint.resume(engine, tmp_path, {"world_size": 2, "ep_size": 2}, {**student, "ep_size": 2})
+    state, exact = checkpoint.resume(engine, tmp_path, "step-00000005", {"world_size": 2, "ep_size": 2},
+                                     {**student, "ep_size": 2})
     assert not exact and engine.loads[-1] == ("step-00000005", True)
     with pytest.raises(ValueError, match="step-00000005: this run's student differs from the checkpoint's: "
                                          "num_layers 2 -> 3$"):
-        checkpoint.resume(engine, tmp_path, layout, {"num_layers": 3, "ep_size": 1})
+        checkpoint.resume(engine, tmp_path, "step-00000005", layout, {"num_layers": 3, "ep_size": 1})
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        checkpoint.resume(engine, tmp_path / "empty", layout, student)
+        checkpoint.resume_tag(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, deepspeed_rank0, capsys, damage):
+    from pipeline import checkpoint
+
+    engine, layout, student = FakeEngine(), {"world_size": 1, "ep_size": 1}, {"num_layers": 2, "ep_size": 1}
+    for step in (1, 2):
+        checkpoint.save(engine, tmp_path, step, {"data": {}, "layout": layout, "student": student}, None, keep=2)
+    weights = tmp_path / "step-00000002" / "mp_rank_00_model_states.pt"
+    {"truncate": lambda: weights.write_bytes(b""), "flip": lambda: weights.write_bytes(b"y"),
+     "delete": weights.unlink}[damage]()
+    assert checkpoint.resume_tag(tmp_path) == "step-00000001"
+    what = {"truncate": "damaged (0 bytes, 1 written)", "flip": "damaged (its sha256 changed)", "delete": "missing"}
+    assert capsys.readouterr().err == (f"warning: {weights} is {what[damage]}; resuming from step-00000001, the "
+                                       f"newest intact checkpoint\n")
+    (tmp_path / "step-00000001" / checkpoint.TRAINER_STATE).write_text("{}")  # the older one damaged too
+    with pytest.raises(ValueError, match=rf"^{weights} is .*; and no older intact checkpoint under {tmp_path} to "
+                                         "resume from$"):
+        checkpoint.resume_tag(tmp_path)
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
