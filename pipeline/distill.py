@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from minimoe_common.cli import (add_config_arguments, changed_fields, check_output_dir, config_from_args,
                                   refuse_invalid)
+from minimoe_common.files import file_sha256
 from minimoe_common.tokenizer import packaged_teacher_dir
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
@@ -523,6 +524,7 @@ def distill(cfg: DistillConfig) -> None:
 
     teacher = load_teacher(cfg, compute_dtype(ds))
     shards = ShardDataset(cfg.shards, verify=cfg.verify_shards)
+    manifest_sha256 = file_sha256(shards.manifest_path)  # the data the run saw, for the model card
     shards.check_fingerprint(tokenizer_fingerprint(teacher.tokenizer), cfg.teacher)
     config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
     check_lengths(shards, cfg.teacher, config.max_position_embeddings)
@@ -560,7 +562,8 @@ def distill(cfg: DistillConfig) -> None:
     def trainer_state() -> dict[str, Any]:
         return {"tag": checkpoint.tag_for(step), "data": loader.state_dict(), "layout": layout,
                 "student": config.student_dict(), "config": dataclasses.asdict(cfg),
-                "schedule": dataclasses.asdict(schedule), "tokens_seen": log.tokens_seen}
+                "schedule": dataclasses.asdict(schedule), "tokens_seen": log.tokens_seen,
+                "data_manifest_sha256": manifest_sha256}
 
     with bar:  # closed before an error is printed, so that the error is the last line
         while step < total_steps:

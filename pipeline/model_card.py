@@ -46,8 +46,10 @@ def table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
                       *("| " + " | ".join(map(str, row)) + " |" for row in rows)])
 
 
-def data_row(shards: str) -> str:
-    """The shard dir and its manifest's sha256: the checkpoint records the path only, so the manifest is read now."""
+def data_row(shards: str, recorded: str | None) -> str:
+    """The shard dir and its manifest's sha256, as the run recorded it (checkpoints from before that: read now)."""
+    if recorded is not None:
+        return f"`{shards}`, manifest.json sha256 `{recorded}`"
     manifest = Path(shards) / "manifest.json"
     if not manifest.is_file():
         return f"`{shards}` (manifest not found at export: fingerprint not recorded)"
@@ -78,7 +80,7 @@ def recipe(state: dict[str, Any], teacher: str) -> list[tuple[str, Any]]:
         ("optimizer", f"AdamW, lr {cfg['lr']:g}, warmup {cfg['warmup']:.0%} then linear decay, weight decay "
                       f"{cfg['weight_decay']:g}, clipping {cfg['max_grad_norm']:g}"),
         ("seed", cfg["seed"]),
-        ("data", data_row(cfg["shards"])),
+        ("data", data_row(cfg["shards"], state.get("data_manifest_sha256"))),
         ("layout", f"{layout['world_size']} rank(s), ep_size {layout['ep_size']}, ZeRO {layout['zero_stage']}, "
                    f"{layout['dtype'].removeprefix('torch.')}"),
     ]

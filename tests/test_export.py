@@ -4,6 +4,7 @@ and file modes; compress, report and experts read BERT-format dirs."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import stat
@@ -28,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 SENTENCES = (["The cat sat on the mat.", "A longer sentence, with a comma and more words in it."],
              ["a second segment", "x"])
 
+TRAINED_ON = b'{"format": "minimoe-shards"}\n'  # the manifest the fake run trained on
+
 
 def fake_checkpoint(run: Path, teacher_dir: Path, experts: int) -> Student:
     """A run dir with one checkpoint as distill writes it (trainer state, model states, tokenizer) of a tiny
@@ -42,10 +45,13 @@ def fake_checkpoint(run: Path, teacher_dir: Path, experts: int) -> Student:
     torch.save({"module": student.state_dict()}, step / "mp_rank_00_model_states.pt")
     tokenizer.save_pretrained(str(step / "tokenizer"))
     (run / "shards").mkdir()
-    (run / "shards" / "manifest.json").write_text('{"format": "minimoe-shards"}\n')
+    (run / "shards" / "manifest.json").write_bytes(TRAINED_ON)
+    trained_on = file_sha256(run / "shards" / "manifest.json")
+    (run / "shards" / "manifest.json").write_text('{"format": "minimoe-shards", "rebuilt": true}\n')  # after the run
     cfg = DistillConfig(teacher=str(teacher_dir), shards=str(run / "shards"), max_steps=7, global_batch_size=64)
     state = {"step": 7, "tag": step.name, "student": config.student_dict(), "config": dataclasses.asdict(cfg),
-             "layout": {"world_size": 2, "ep_size": 1, "zero_stage": 2, "dtype": "torch.float32"}, "tokens_seen": 12345}
+             "layout": {"world_size": 2, "ep_size": 1, "zero_stage": 2, "dtype": "torch.float32"}, "tokens_seen": 12345,
+             "data_manifest_sha256": trained_on}
     (step / "trainer_state.json").write_text(json.dumps(state))
     (run / "checkpoints" / "latest").write_text(step.name)
     return student
@@ -157,7 +163,7 @@ def test_a_moe_student_exports_in_the_registered_format_with_a_card(teacher_dir,
                 f"| active parameters per token (transformer layers) | {report.active_layer_params:,} |",
                 f"| GFLOPs per 128-token sequence | {report.gflops:.3f} |",
                 "| steps | 7 |", "| tokens seen | 12,345 |", "| global batch | 64 samples |",
-                f"manifest.json sha256 `{file_sha256(tmp_path / 'run' / 'shards' / 'manifest.json')}`",
+                f"manifest.json sha256 `{hashlib.sha256(TRAINED_ON).hexdigest()}`",  # the run's, not today's
                 "| student | 2 layers, hidden 64, 4 heads, FFN 128, 4 experts per FFN (top-1) |",
                 "| rte | rte | acc 61.37 | 40 | 3e-05 | 16 | 1 |", "import pipeline"):
         assert row in card, row
