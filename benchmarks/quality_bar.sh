@@ -38,16 +38,7 @@ distill_minilm() { distill minilm 1 29612; }
 lanes distill_minimoe distill_minilm
 
 # Random init: the exact weights the MiniMoE distillation started from (without its relation projection).
-[[ -d $OUT/model-random ]] || python - "$OUT" <<'PY'
-import sys
-from pathlib import Path
-from minimoe_common.tokenizer import load_tokenizer
-from pipeline.distill import build_student
-from pipeline.models import StudentConfig
-source, out = Path(sys.argv[1]) / "model-minimoe", Path(sys.argv[1]) / "model-random"
-build_student(StudentConfig.load(source / "config.json"), seed=42).save_pretrained(out)
-load_tokenizer(str(source)).save_pretrained(str(out))
-PY
+[[ -d $OUT/model-random ]] || python -m pipeline.export "$OUT/distill-minimoe" "$OUT/model-random" --random-init
 
 # 3. The students, one recipe, each seed its own run: MRPC, STS-B, RTE (GLUE) and the bundled
 # 3000-row SST-2 slice; dev scored every 25 steps, the best evaluation kept (no early stop: the authors stop

@@ -65,12 +65,19 @@ def merged_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
             if not k.startswith(TRAINING_ONLY_PREFIXES)}
 
 
-def load_student(step_dir: Path, state: dict[str, Any]) -> Student:
-    """The checkpoint's student, without the training-only parts."""
-    config = StudentConfig.from_dict({**state["student"], "relation_projection": False},
-                                     source=str(step_dir / checkpoint.TRAINER_STATE))
+def load_student(step_dir: Path, state: dict[str, Any], random_init: bool = False) -> Student:
+    """The checkpoint's student, without the training-only parts; with `random_init` the weights its run started
+    from (the same config and seed, before any step): the random-initialisation baseline of the distilled one."""
+    source = str(step_dir / checkpoint.TRAINER_STATE)
+    config = StudentConfig.from_dict({**state["student"], "relation_projection": False}, source=source)
     student = Student(config)
-    weights = merged_state_dict(step_dir)
+    if random_init:
+        from pipeline.distill import build_student  # the run's own construction: its RNG draws give its weights
+
+        initial = build_student(StudentConfig.from_dict(state["student"], source=source), state["config"]["seed"])
+        weights = {k: v for k, v in initial.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    else:
+        weights = merged_state_dict(step_dir)
     missing, unexpected = sorted(set(student.state_dict()) - set(weights)), sorted(set(weights) - set(student.state_dict()))
     if missing or unexpected:
         raise ValueError(f"{step_dir}: checkpoint weights do not match the student config: missing {missing[:4]}, "
@@ -121,7 +128,8 @@ def write_sentence_transformers(directory: Path, teacher: Path, config: StudentC
 
 
 def export(checkpoint_path: str | Path, out_dir: str | Path, sentence_transformers: bool = False,
-           license: str = DEFAULT_LICENSE, base_model: str | None = None, results: list[str] = ()) -> Path:
+           license: str = DEFAULT_LICENSE, base_model: str | None = None, results: list[str] = (),
+           random_init: bool = False) -> Path:
     """Write OUT_DIR (config.json, model.safetensors, tokenizer, model card; with `sentence_transformers` the
     sentence-transformers modules) from a checkpoint; returns the step dir used."""
     out_dir = Path(out_dir)
@@ -131,7 +139,9 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, sentence_transforme
     finetuned = [read_results(path) for path in results]
     step_dir = step_dir_of(checkpoint_path)
     state = checkpoint.read_trainer_state(step_dir)
-    student = load_student(step_dir, state)
+    student = load_student(step_dir, state, random_init)
+    if random_init:
+        state = {**state, "step": 0, "tokens_seen": 0}
     with written_dir(out_dir) as tmp:
         if is_plain_bert(student.config):
             save_as_bert(student, tmp)
@@ -156,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                                              "packaged teacher and for teachers in the Hugging Face cache)")
     parser.add_argument("--results", nargs="+", default=[], metavar="RESULTS_JSON",
                         help="minimoe-finetune results.json files (one per task) to list in the model card")
+    parser.add_argument("--random-init", action="store_true",
+                        help="write the weights the run started from (same config and seed, step 0) instead: the "
+                             "random-initialisation baseline to finetune next to the distilled student")
     args = parser.parse_args(argv)
     try:
         step_dir = export(args.checkpoint, args.out_dir, args.sentence_transformers, args.license, args.base_model,
-                          args.results)
+                          args.results, args.random_init)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,9 +122,11 @@ def model_card(directory: Path, name: str, state: dict[str, Any], pooling: str |
             ("active parameters per token (transformer layers)", f"{report.active_layer_params:,}"),
             (f"GFLOPs per {TOKENS_PER_SEQUENCE}-token sequence", f"{report.gflops:.3f}")]
     kind = "MiniMoE (mixture-of-experts)" if moe else "MiniLM (dense)"
+    what = ("at random initialisation, NOT distilled (step 0: the baseline), of a run distilling from"
+            if state["step"] == 0 else "distilled from")
     sections = [
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---",
-        f"# {name}\n\nA {kind} student distilled from {base_model or f'`{teacher}`'} with minimoe (task-agnostic "
+        f"# {name}\n\nA {kind} student {what} {base_model or f'`{teacher}`'} with minimoe (task-agnostic "
         f"distillation: Zhang et al., \"Lifting the Curse of Capacity Gap in Distilling Language Models\", ACL 2023). "
         + usage(name, moe, pooling),
         "## Distillation recipe\n\n" + table(recipe(state, f"`{teacher}`"), ("", "")),

@@ -174,6 +174,24 @@ def test_a_moe_student_exports_in_the_registered_format_with_a_card(teacher_dir,
         assert not file.is_file() or stat.S_IMODE(file.stat().st_mode) == 0o644, file
 
 
+def test_random_init_export_is_the_runs_starting_point(teacher_dir, tmp_path):
+    """--random-init: the weights the run's build_student drew from its config and seed (relation projection dropped),
+    not the trained ones; the card says so."""
+    from pipeline.distill import build_student
+
+    trained = fake_checkpoint(tmp_path / "run", teacher_dir, experts=4)
+    assert export.main([str(tmp_path / "run"), str(tmp_path / "init"), "--random-init"]) == 0
+    exported = Student.from_pretrained(tmp_path / "init").state_dict()
+    initial = build_student(StudentConfig.from_dict(trained.config.student_dict()), seed=42).state_dict()  # the default seed
+    assert set(initial) - set(exported) == {f"relation_projection.{m}.{p}" for m in ("query", "key", "value")
+                                            for p in ("weight", "bias")}
+    for key, value in exported.items():
+        assert torch.equal(value, initial[key]), key
+    assert not torch.equal(exported["layers.0.attention.query.weight"], trained.state_dict()["layers.0.attention.query.weight"])
+    card = (tmp_path / "init" / "README.md").read_text()
+    assert "at random initialisation, NOT distilled (step 0: the baseline)" in card and "| steps | 0 |" in card
+
+
 def test_export_refusals(teacher_dir, tmp_path, capsys):
     fake_checkpoint(tmp_path / "run", teacher_dir, experts=1)
     suite = tmp_path / "suite.json"
