@@ -1,12 +1,14 @@
-"""The build: input file i -> shard i, in a pool of workers, restart-safe; then manifest.json.
+"""The build: unit of work i -> shard i, in a pool of workers, restart-safe; then manifest.json.
 
-Unit of work = one input file. A worker streams it in chunks of `chunk_documents` documents:
-sentences -> token ids (batched calls to the fast tokenizer) -> pairs -> one Arrow record
-batch. Each chunk is seeded from (seed, file index, chunk index), so a shard's bytes depend only
-on its file and the settings: not on --workers, the partitions, or the order units finish in.
+Units = spans of the input files, fixed by the files and `unit_bytes` alone (readers.plan_units):
+byte ranges of line-based files, runs of parquet row groups or Arrow record batches; a file smaller
+than unit_bytes is one unit. A worker streams a unit in chunks of `chunk_documents` documents:
+sentences -> token ids (batched calls to the fast tokenizer) -> pairs -> one Arrow record batch.
+Each chunk is seeded from (seed, unit index, chunk index), so a shard's bytes depend only on its
+unit and the settings: not on --workers, the partitions, or the order units finish in.
 
 Output directory:
-  plan.json                 the settings and the full input list (written by every partition)
+  plan.json                 the settings and every unit, [file, start, end] (written by every partition)
   shard-00012.arrow         written as shard-00012.arrow.tmp, renamed when complete
   shard-00012.stats.json    written after the rename: the unit's completion marker and counts
   manifest.json             written once every unit has its stats (build, or `merge` after partitions)
@@ -31,7 +33,7 @@ from data_prep.config import BuildConfig, DataPrepError
 from minimoe_common.cli import check_output_dir
 from minimoe_common.files import file_sha256, read_json, write_json
 from data_prep.pairs import create_pairs
-from data_prep.readers import ReadCounts, read_documents, resolve_inputs
+from data_prep.readers import ReadCounts, Span, plan_units, read_documents, resolve_inputs
 from data_prep.sentences import split_sentences
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, pairs_to_batch, shard_name, shard_schema, token_dtype
 from minimoe_common.tokenizer import TextTokenizer, packaged_teacher_dir, special_ids, tokenizer_fingerprint
@@ -95,16 +97,16 @@ def _init_worker(config: BuildConfig, tokenizer_path: str) -> None:
     _worker = _Worker(config, encoder, tokenizer.cls_token_id, tokenizer.sep_token_id, token_dtype(len(tokenizer)))
 
 
-def _build_unit(task: tuple[int, str]) -> dict:
-    """Input file -> shard + stats JSON; returns the stats."""
-    index, source = task
+def _build_unit(task: tuple[int, str, Span]) -> dict:
+    """Unit -> shard + stats JSON; returns the stats."""
+    index, source, span = task
     w = _worker
     output = Path(w.config.output)
     shard = output / shard_name(index)
     tmp = shard.with_name(shard.name + ".tmp")
     counts = ReadCounts()
     stats = dict.fromkeys(TOTAL_KEYS + ("empty_documents",), 0)
-    documents = read_documents(Path(source), w.config.format, counts)
+    documents = read_documents(Path(source), w.config.format, counts, span, w.config.text_column)
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shard_schema(w.id_dtype)) as writer:
             for chunk_index, texts in enumerate(_batched(documents, w.config.chunk_documents)):
@@ -119,12 +121,12 @@ def _build_unit(task: tuple[int, str]) -> dict:
                 stats["empty_documents"] += len(texts) - len(sentence_lengths)
                 stats["num_samples"] += len(pairs)
                 stats["random_next"] += sum(p.is_random_next for p in pairs)
-    except BaseException:  # a file that fails half-way (or a kill) leaves no partial shard behind
+    except BaseException:  # a unit that fails half-way (or a kill) leaves no partial shard behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, shard)
-    stats = {"file": shard.name, "source": source, "sha256": file_sha256(shard), "bytes": shard.stat().st_size,
-             **stats, **asdict(counts)}
+    stats = {"file": shard.name, "source": source, "span": list(span), "sha256": file_sha256(shard),
+             "bytes": shard.stat().st_size, **stats, **asdict(counts)}
     write_json(output / stats_name(index), stats)
     return stats
 
@@ -158,12 +160,13 @@ def _tokenize(texts: list[str], encoder, id_dtype: np.dtype) -> tuple[np.ndarray
 def build(config: BuildConfig) -> dict | None:
     """Build this partition's shards (skipping finished ones); with one partition, also the
     manifest, which is returned."""
-    files = resolve_inputs(config.input, config.format)
     tokenizer_path = str(Path(config.tokenizer or default_tokenizer()).resolve())
     tokenizer, _ = open_tokenizer(tokenizer_path)
     if config.max_seq_length > tokenizer.model_max_length:  # (unset: a huge number)
         raise DataPrepError(f"--max-seq-length {config.max_seq_length}: above the {tokenizer.model_max_length} "
                             f"positions of the tokenizer's model ({tokenizer_path})")
+    files = resolve_inputs(config.input, config.format)
+    units = plan_units(files, config.format, config.unit_bytes, config.text_column)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     _write_or_check_plan(output, {
@@ -171,12 +174,13 @@ def build(config: BuildConfig) -> dict | None:
         "tokenizer": {"path": tokenizer_path, "vocab_size": len(tokenizer),
                       "fingerprint": tokenizer_fingerprint(tokenizer), "special_ids": special_ids(tokenizer)},
         "max_seq_length": config.max_seq_length, "seed": config.seed, "args": config.content_args(),
-        "sources": [str(f) for f in files],
+        "units": [[str(path), *span] for path, span in units],
     })
-    mine = list(range(config.partition_index, len(files), config.num_partitions))
+    mine = list(range(config.partition_index, len(units), config.num_partitions))
     pending = [i for i in mine if not _unit_done(output, i)]
     start = time.perf_counter()
-    tokens = _run_units(config, tokenizer_path, [(i, str(files[i])) for i in pending], done=len(mine) - len(pending))
+    tasks = [(i, str(units[i][0]), units[i][1]) for i in pending]
+    tokens = _run_units(config, tokenizer_path, tasks, done=len(mine) - len(pending))
     rate = f"{len(pending)} shards built at {tokens / (time.perf_counter() - start):,.0f} tokens/s"
     if config.num_partitions > 1:
         print(f"partition {config.partition_index} of {config.num_partitions}: {rate}, {len(mine) - len(pending)} "
@@ -204,14 +208,14 @@ def _unit_done(output: Path, index: int) -> bool:
     return stats_path.exists() and shard.exists() and read_json(stats_path)["bytes"] == shard.stat().st_size
 
 
-def _run_units(config: BuildConfig, tokenizer_path: str, tasks: list[tuple[int, str]], done: int) -> int:
+def _run_units(config: BuildConfig, tokenizer_path: str, tasks: list[tuple[int, str, Span]], done: int) -> int:
     """Build the units in a pool with a progress bar; returns the number of tokens written."""
     if not tasks:
         return 0
     workers = min(config.workers or os.cpu_count() or 1, max(len(tasks), 1))
     documents = tokens = 0
     start = time.perf_counter()
-    with tqdm(total=done + len(tasks), initial=done, unit="file", desc="data_prep build", dynamic_ncols=True) as bar, \
+    with tqdm(total=done + len(tasks), initial=done, unit="shard", desc="data_prep build", dynamic_ncols=True) as bar, \
             multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config, tokenizer_path)) as pool:
         for stats in pool.imap_unordered(_build_unit, tasks):
             documents += stats["documents"]
@@ -229,17 +233,17 @@ def merge(output: Path) -> dict:
     if not (output / PLAN).exists():
         raise DataPrepError(f"{output}: no {PLAN}; not the output of `python -m data_prep build`")
     plan = read_json(output / PLAN)
-    sources = plan.pop("sources")
-    missing = [i for i in range(len(sources)) if not _unit_done(output, i)]
+    planned = plan.pop("units")
+    missing = [i for i in range(len(planned)) if not _unit_done(output, i)]
     if missing:
-        raise DataPrepError(f"{output}: {len(missing)} of {len(sources)} shards not built yet (first: "
-                            f"{shard_name(missing[0])} from {sources[missing[0]]}); run their partitions first")
-    units = [read_json(output / stats_name(i)) for i in range(len(sources))]
+        raise DataPrepError(f"{output}: {len(missing)} of {len(planned)} shards not built yet (first: "
+                            f"{shard_name(missing[0])} from {planned[missing[0]][0]}); run their partitions first")
+    units = [read_json(output / stats_name(i)) for i in range(len(planned))]
     if not sum(u["num_samples"] for u in units):
-        raise DataPrepError(f"{output}: nothing built: {why_empty(units, plan['args']['format'])}")
+        raise DataPrepError(f"{output}: nothing built: {why_empty(units, plan['args'])}")
     manifest = {
         **plan,
-        "shards": [{k: u[k] for k in ("file", "source", "num_samples", "num_tokens", "sha256")} for u in units],
+        "shards": [{k: u[k] for k in ("file", "source", "span", "num_samples", "num_tokens", "sha256")} for u in units],
         "totals": {"files": len(units), **{k: sum(u[k] for u in units) for k in TOTAL_KEYS}},
         "skipped": {k: sum(u[k] for u in units) for k in SKIPPED_KEYS},
     }
@@ -247,17 +251,22 @@ def merge(output: Path) -> dict:
     return manifest
 
 
-def why_empty(units: list[dict], fmt: str) -> str:
+def why_empty(units: list[dict], args: dict) -> str:
     """Why a build made no sample: what its files held, and the likely cause."""
     documents = sum(u["documents"] for u in units)
     counts = ", ".join(f"{sum(u[k] for u in units)} {k.replace('_', ' ')}" for k in SKIPPED_KEYS if sum(u[k] for u in units))
-    bad_lines = [f"{u['source']}:{line}" for u in units for line in u.get("first_bad_lines", [])][:5]
+    bad_lines, lines_before = [], {}  # lines of the units read so far, per file (a file's units are consecutive)
+    for u in units:
+        before = lines_before.get(u["source"], 0)
+        bad_lines += [f"{u['source']}:{before + line}" for line in u["first_bad_lines"]]
+        lines_before[u["source"]] = before + u["lines"]
     if documents:
         return f"{documents} documents gave no sentence pair (too few sentences?)"
     if bad_lines:
-        return (f"no jsonl line is an object with a string 'text' field ({sum(u['malformed_documents'] for u in units)} "
-                f"malformed lines, first: {', '.join(bad_lines)})")
-    return (f"0 documents in {len(units)} file(s){f' ({counts})' if counts else ''}: is --format {fmt} right "
+        return (f"no jsonl line is an object with a string {args['text_column']!r} field "
+                f"({sum(u['malformed_documents'] for u in units)} malformed lines, first: {', '.join(bad_lines[:5])})")
+    files = len({u["source"] for u in units})
+    return (f"0 documents in {files} file(s){f' ({counts})' if counts else ''}: is --format {args['format']} right "
             f"for these files (compressed files must be decompressed first)?")
 
 

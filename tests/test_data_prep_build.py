@@ -1,7 +1,8 @@
 """`python -m data_prep build/merge/inspect` end to end with the real packaged tokenizer.
 
 Guarantees checked: the output directory (shards, stats, plan and manifest) is byte-identical
-whatever --workers, after an interrupted run is resumed, and when built as partitions + merge."""
+whatever --workers, after an interrupted run is resumed, and when built as partitions + merge, also for
+one file cut into several units."""
 from __future__ import annotations
 
 import json
@@ -82,6 +83,7 @@ def test_manifest_describes_the_shards(reference, teacher_dir):
     assert manifest["max_seq_length"] == 128 and manifest["seed"] == 12345 and manifest["args"]["chunk_documents"] == 2
     assert [s["file"] for s in manifest["shards"]] == [f"shard-{i:05d}.arrow" for i in range(7)]
     assert [s["source"] for s in manifest["shards"]] == [str(f) for f in files]
+    assert [s["span"] for s in manifest["shards"]] == [[0, f.stat().st_size] for f in files]  # one unit per file
     samples = tokens = 0
     for shard in manifest["shards"]:
         path = out / shard["file"]
@@ -162,20 +164,58 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, sample_docs, teacher_
 def test_all_formats_give_the_same_shards(reference, tmp_path, teacher_dir):
     files, out = reference
     bodies = [[doc for doc in read_documents(f, "wikiextractor", ReadCounts())] for f in files[:3]]
-    inputs = {"jsonl": [], "parquet": [], "text": []}
+    inputs = {"jsonl": [], "parquet": [], "arrow": [], "text": []}
     for i, docs in enumerate(bodies):
         jsonl = tmp_path / f"part{i}.jsonl"
         jsonl.write_text("".join(json.dumps({"id": j, "text": d}) + "\n" for j, d in enumerate(docs)), encoding="utf-8")
         parquet = tmp_path / f"part{i}.parquet"
         pq.write_table(pa.table({"text": docs}), parquet)
+        saved = tmp_path / f"saved{i}"  # a Hugging Face datasets dir
+        datasets.Dataset.from_dict({"id": list(range(len(docs))), "text": docs}).save_to_disk(str(saved))
         text = tmp_path / f"part{i}.txt"
         text.write_text("\n\n".join("\n".join(line for line in d.split("\n") if line.strip()) for d in docs), encoding="utf-8")
-        for fmt, path in (("jsonl", jsonl), ("parquet", parquet), ("text", text)):
+        for fmt, path in (("jsonl", jsonl), ("parquet", parquet), ("arrow", saved), ("text", text)):
             inputs[fmt].append(path)
     for fmt, paths in inputs.items():
         assert build(paths, tmp_path / fmt, teacher_dir, "--workers", 1, "--format", fmt) == 0
         for i in range(3):
             assert (tmp_path / fmt / f"shard-{i:05d}.arrow").read_bytes() == (out / f"shard-{i:05d}.arrow").read_bytes(), fmt
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "arrow"])
+def test_a_file_cut_into_units_is_built_alike_by_any_workers_and_partitions(fmt, tmp_path, teacher_dir, capsys):
+    texts = list(read_documents(SAMPLE, "wikiextractor", ReadCounts()))
+    path = tmp_path / ("all.jsonl" if fmt == "jsonl" else "cache-all.arrow")
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    else:  # a Hugging Face datasets cache file in record batches of 2 documents
+        datasets.Dataset.from_dict({"text": texts}).map(lambda b: b, batched=True, batch_size=2, writer_batch_size=2,
+                                                        cache_file_name=str(path))
+    one, two, parts = tmp_path / "one", tmp_path / "two", tmp_path / "parts"
+    assert build([path], one, teacher_dir, "--format", fmt, "--unit-bytes", 100_000, "--workers", 1) == 0
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 4 and {s["source"] for s in manifest["shards"]} == {str(path)}
+    assert manifest["totals"]["documents"] == len(texts)  # each document in exactly one unit
+    assert build([path], two, teacher_dir, "--format", fmt, "--unit-bytes", 100_000, "--workers", 2) == 0
+    for index in (2, 0, 1):
+        assert build([path], parts, teacher_dir, "--format", fmt, "--unit-bytes", 100_000, "--workers", 1,
+                     "--num-partitions", 3, "--partition-index", index) == 0
+    assert run("merge", parts) == 0
+    assert dir_bytes(two) == dir_bytes(one) == dir_bytes(parts)
+    assert build([path], one, teacher_dir, "--format", fmt, "--unit-bytes", 50_000) == 2  # other units: another build
+    assert capsys.readouterr().err.endswith("(args, units differ); use another --output or delete it\n")
+    assert build([path], tmp_path / "whole", teacher_dir, "--format", fmt, "--unit-bytes", 10**12) == 0  # one unit
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert len(whole["shards"]) == 1 and whole["totals"]["documents"] == len(texts)
+
+
+def test_bad_jsonl_lines_are_numbered_in_their_file_across_units(tmp_path, teacher_dir, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n\n".join(json.dumps({"title": i}) for i in range(12)) + "\n", encoding="utf-8")
+    assert build([path], tmp_path / "out", teacher_dir, "--format", "jsonl", "--unit-bytes", 20) == 2
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["units"][1] == [str(path), 20, 40]
+    assert capsys.readouterr().err.endswith(f"(12 malformed lines, first: {path}:1, {path}:3, {path}:5, {path}:7, "
+                                            f"{path}:9)\n")
 
 
 def test_other_settings_in_the_same_output_are_refused(reference, capsys, teacher_dir):
