@@ -1,7 +1,8 @@
 """Distillation objectives. Each returns (loss, parts): parts are detached scalars for logging.
 
 - minilm_relation_loss: MiniLMv2 self-attention relation distillation (Wang et al. 2021, Eq. 2-4), the
-  task-agnostic objective of the paper's MiniLM and MiniMoE students.
+  task-agnostic objective of the paper's MiniLM and MiniMoE students; memory-flat (chunks of (example, head)
+  pairs, no (B, R, T, T) tensor kept for the backward).
 - tinybert_loss: TinyBERT layer-wise loss (Jiao et al. 2020, Eq. 7-8): attention-score MSE + hidden MSE
   through a learned projection.
 - logit_kd_loss: temperature-scaled logit KD (Hinton et al. 2015) with an optional hard-label term,
@@ -13,6 +14,7 @@ All arithmetic is fp32: bf16/fp16 inputs are upcast before any product, softmax 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,13 +38,109 @@ def _with_aux(loss: torch.Tensor, parts: dict[str, torch.Tensor], aux_loss: torc
     return loss, parts
 
 
-def relation_log_probs(x: torch.Tensor, key_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """log softmax(x_h x_h^T / sqrt(d_h)) per relation head: x (B, T, H), key_mask (B, T) -> (B, R, T, T)."""
-    heads = _split_heads(x, num_heads)
-    scores = heads @ heads.transpose(-1, -2) / math.sqrt(heads.size(-1))
-    # A finite fill (not -inf): masked entries get exp() = 0 and never produce inf - inf = NaN.
-    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(torch.float32).min)
-    return F.log_softmax(scores, dim=-1)
+# Elements of one (pairs, T, T) chunk of scores, per device type. CPU: 2 M fp32 = 8 MiB per temporary, so a
+# chunk's three stay in a 32 MiB L3 cache (2^19 to 2^21 were best, 2^22 1.2x and 2^23 1.7-2.2x slower;
+# BENCHMARKS.md, "Relation loss"). Accelerators: fewer, larger chunks, kernel launches being the cost there
+# (not measured yet).
+RELATION_CHUNK_ELEMENTS = {"cpu": 1 << 21}
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+
+
+def _relation_operands(x: torch.Tensor, num_heads: int, key_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (example, head) pair, queries [x / sqrt(d), 1] and keys [x, bias], (B * R, T, d + 1) fp32 each.
+
+    Their product is x x^T / sqrt(d) + bias_j: the scale and the padding mask ride in the score product's
+    extra column, with no pass over the (T, T) scores (a broadcast baddbmm bias is a strided copy, slower
+    here). x (B, T, H); key_bias (B, 1, T): 0, or a large negative fill at padded keys."""
+    heads = _split_heads(x, num_heads)  # (B, R, T, d)
+    B, R, T, d = heads.shape
+    queries, keys = heads.new_empty(B, R, T, d + 1), heads.new_empty(B, R, T, d + 1)
+    torch.mul(heads, 1.0 / math.sqrt(d), out=queries[..., :d])
+    queries[..., d] = 1.0
+    keys[..., :d] = heads
+    keys[..., d] = key_bias
+    return queries.view(B * R, T, d + 1), keys.view(B * R, T, d + 1)
+
+
+def _chunk_kl(s_q: torch.Tensor, s_k: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor,
+              row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum_i w_i KL(p_t[i] || p_s[i]) over a chunk of n (example, head) pairs, operands (n, T, d + 1);
+    also log p_s and p_t, (n, T, T)."""
+    log_s = torch.log_softmax(torch.bmm(s_q, s_k.transpose(1, 2)), -1)
+    log_t = torch.log_softmax(torch.bmm(t_q, t_k.transpose(1, 2)), -1)
+    p_t = log_t.exp()
+    # Padded keys: p_t = 0 exactly and log_t - log_s is finite (both near the fill), so they add 0.
+    kl_rows = torch.linalg.vecdot(p_t, log_t - log_s)  # (n, T)
+    return torch.dot(kl_rows.flatten(), row_weight.flatten()), log_s, p_t
+
+
+def _chunk_loss(s_q, s_k, t_q, t_k, row_weight) -> torch.Tensor:
+    """The chunk's sum alone, when no gradient is wanted."""
+    return _chunk_kl(s_q, s_k, t_q, t_k, row_weight)[0]
+
+
+def _chunk_loss_and_grad(s_q, s_k, t_q, t_k, row_weight, factor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's sum and its gradient w.r.t. the student's heads x (n, T, d): with S = x x^T / sqrt(d),
+    d KL_i / d S[i, :] = p_s[i, :] - p_t[i, :] = D[i, :], so the gradient is f (D x + D^T (f x)), f (n, T, 1) =
+    w / sqrt(d) (the row factor applied to the (T, d) operands, not to the (T, T) D)."""
+    total, log_s, p_t = _chunk_kl(s_q, s_k, t_q, t_k, row_weight)
+    d = log_s.exp_().sub_(p_t)
+    x = s_k[..., :-1]
+    return total, torch.bmm(d, x).mul_(factor).add_(torch.bmm(d.transpose(1, 2), x * factor))
+
+
+@functools.cache
+def _kernels():
+    """(loss, loss and grad) chunk kernels. torch.compile fuses a chunk's softmaxes, exp, differences and row
+    sums into one pass over the (T, T) scores, the products staying BLAS (cuBLAS) calls: BENCHMARKS.md,
+    "Relation loss", for the figures against the eager kernels and against compiling the whole unchunked loss.
+    Built on first use (importing the compiler takes seconds, and finetuning imports this module for
+    task_loss); dynamic=True: one compilation for every chunk size, T and head width. TORCHDYNAMO_DISABLE=1
+    runs them eagerly, with the same results."""
+    return torch.compile(_chunk_loss, dynamic=True), torch.compile(_chunk_loss_and_grad, dynamic=True)
+
+
+class _RelationKL(torch.autograd.Function):
+    """sum over real query rows, relation heads and the batch of KL(teacher row || student row).
+
+    Memory-flat: no (B, R, T, T) tensor outlives its chunk of (example, head) pairs. The loss is a scalar, so
+    its gradient w.r.t. the student is computed in the forward, chunk by chunk, while the chunk's p_s and p_t
+    are at hand; the backward only scales that (B, T, Hs) gradient by the upstream one. The cost of a
+    backward that recomputed the scores instead (saving only the inputs) is 1.5x the products and a second
+    pass of softmaxes (BENCHMARKS.md). The teacher gets no gradient (a fixed target; the caller detaches it)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, key_bias, row_weight, num_heads, with_grad):
+        # student (B, T, Hs), teacher (B, T, Ht); key_bias (B, 1, T); row_weight (B * R, T): 1 = real query row;
+        # with_grad: whether a backward will follow (ctx.needs_input_grad is True under no_grad as well).
+        loss_kernel, loss_and_grad_kernel = _kernels()
+        B, T, H = student.shape
+        with torch.autocast(student.device.type, enabled=False):  # fp32 products, whatever the caller's autocast
+            s_q, s_k = _relation_operands(student, num_heads, key_bias)
+            t_q, t_k = _relation_operands(teacher, num_heads, key_bias)
+            chunk_elements = RELATION_CHUNK_ELEMENTS.get(student.device.type, ACCELERATOR_CHUNK_ELEMENTS)
+            step = max(1, chunk_elements // T**2)
+            total = torch.zeros((), dtype=torch.float32, device=student.device)
+            if with_grad:
+                factor = (row_weight / math.sqrt(H // num_heads))[..., None]  # (B * R, T, 1)
+                grad = s_k.new_empty(B * num_heads, T, H // num_heads)
+            for i in range(0, B * num_heads, step):
+                chunk = slice(i, i + step)
+                operands = s_q[chunk], s_k[chunk], t_q[chunk], t_k[chunk], row_weight[chunk]
+                if with_grad:
+                    loss, grad[chunk] = loss_and_grad_kernel(*operands, factor[chunk])
+                else:
+                    loss = loss_kernel(*operands)
+                total += loss
+        if with_grad:
+            ctx.save_for_backward(grad.view(B, num_heads, T, -1).transpose(1, 2).reshape(B, T, H))
+            ctx.dtype = student.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.float()).to(ctx.dtype), None, None, None, None, None
 
 
 def minilm_relation_loss(student_qkv, teacher_qkv, attention_mask: torch.Tensor, num_relation_heads: int = 32,
@@ -53,14 +151,18 @@ def minilm_relation_loss(student_qkv, teacher_qkv, attention_mask: torch.Tensor,
     relations are T x T). attention_mask (B, T), 1 = real token. The KL of each real query row (over real
     keys) is averaged over rows, relation heads and the batch; padded rows and keys count for nothing."""
     mask = attention_mask.bool()
-    real_rows = mask[:, None, :].float()  # (B, 1, T)
-    denominator = real_rows.sum() * num_relation_heads
+    R = num_relation_heads
+    # The padding mask as an additive key bias with a finite fill (not -inf): exp() gives 0 and inf - inf = NaN
+    # never happens. The bf16 min is exact in fp32, TF32 and bf16, so a product run in TF32 cannot round it to
+    # -inf (the fp32 min would). And a weight per (example, head) query row.
+    key_bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    key_bias = key_bias.masked_fill_(~mask, torch.finfo(torch.bfloat16).min)[:, None, :]  # (B, 1, T)
+    row_weight = mask.float().repeat_interleave(R, 0)  # (B * R, T)
+    denominator = mask.sum() * R
     parts = {}
     for name, s, t in zip(("qq", "kk", "vv"), student_qkv, teacher_qkv):
-        log_s = relation_log_probs(s, mask, num_relation_heads)
-        log_t = relation_log_probs(t, mask, num_relation_heads)
-        kl_rows = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, R, T)
-        parts[name] = (kl_rows * real_rows).sum() / denominator
+        with_grad = torch.is_grad_enabled() and s.requires_grad
+        parts[name] = _RelationKL.apply(s, t.detach(), key_bias, row_weight, R, with_grad) / denominator
     loss = (parts["qq"] + parts["kk"] + parts["vv"]) / 3
     return _with_aux(loss, {k: v.detach() for k, v in parts.items()}, aux_loss)
 

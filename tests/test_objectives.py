@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import pipeline.objectives as objectives
 from pipeline.objectives import attention_scores, logit_kd_loss, minilm_relation_loss, tinybert_loss
 
 
@@ -46,6 +48,75 @@ def test_relation_loss_matches_per_example_per_head_loop_with_different_hidden_s
     assert loss.item() == pytest.approx(sum(expected.values()) / 3, rel=1e-5)
 
 
+def reference_relation_loss(student, teacher, lengths, heads):
+    """The loss by another route, float64 and differentiable: per example and head, F.kl_div between the
+    log-softmaxes of the unpadded (n, n) relations, summed, then divided by the real rows x heads."""
+    parts = []
+    for s, t in zip(student, teacher):
+        total = 0.0
+        for b, n in enumerate(lengths):
+            for sh, th in zip(s[b, :n].double().chunk(heads, -1), t[b, :n].double().chunk(heads, -1)):
+                log_s = F.log_softmax(sh @ sh.T / math.sqrt(sh.size(-1)), -1)
+                log_t = F.log_softmax(th @ th.T / math.sqrt(th.size(-1)), -1)
+                total = total + F.kl_div(log_s, log_t, reduction="sum", log_target=True)
+        parts.append(total / (sum(lengths) * heads))
+    return sum(parts) / 3, parts
+
+
+@pytest.mark.parametrize("lengths, hidden, heads, chunk_pairs", [
+    ((7, 3, 5), (16, 40), 4, 5),  # 12 (example, head) pairs in chunks of 5, 5, 2
+    ((9, 4), (384, 768), 32, None),  # the paper's 384-wide student and 768-wide teacher, 32 relation heads
+    ((512, 301), (32, 64), 2, 1),  # T = 512, one pair per chunk
+])
+def test_relation_loss_values_and_gradients_match_the_kl_div_reference(monkeypatch, lengths, hidden, heads,
+                                                                        chunk_pairs):
+    if chunk_pairs:
+        monkeypatch.setitem(objectives.RELATION_CHUNK_ELEMENTS, "cpu", chunk_pairs * max(lengths) ** 2)
+    student, mask = padded_inputs(0, lengths, hidden=hidden[0])
+    teacher, _ = padded_inputs(1, lengths, hidden=hidden[1], scale=2.0)
+    student = tuple(x.requires_grad_() for x in student)
+    loss, parts = minilm_relation_loss(student, teacher, mask, num_relation_heads=heads)
+    grads = torch.autograd.grad(loss, student)
+    ref_student = tuple(x.detach().double().requires_grad_() for x in student)
+    ref_loss, ref_parts = reference_relation_loss(ref_student, teacher, lengths, heads)
+    ref_grads = torch.autograd.grad(ref_loss, ref_student)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name, ref in zip(("qq", "kk", "vv"), ref_parts):
+        assert parts[name].item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert torch.all(g[mask == 0] == 0)  # padded positions: no gradient
+
+
+def test_relation_loss_keeps_no_relation_sized_tensor_and_gives_the_teacher_no_gradient():
+    # Memory-flat: what autograd saves for backward is no larger than the (B, T, H) inputs, whatever T x T.
+    student, mask = padded_inputs(0, (64, 40), hidden=16)
+    teacher, _ = padded_inputs(1, (64, 40), hidden=24)
+    student = tuple(x.requires_grad_() for x in student)
+    teacher = tuple(x.requires_grad_() for x in teacher)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        loss, _ = minilm_relation_loss(student, teacher, mask, num_relation_heads=4)
+    loss.backward()
+    assert saved and max(saved) <= 2 * 64 * 24  # a (B, R, T, T) relation would be 2 * 4 * 64 * 64
+    assert all(x.grad is not None for x in student) and all(x.grad is None for x in teacher)
+
+
+def test_relation_loss_of_bf16_inputs_is_the_fp32_loss_of_the_same_values():
+    student, mask = padded_inputs(0, (6, 4), hidden=32, dtype=torch.bfloat16)
+    teacher, _ = padded_inputs(1, (6, 4), hidden=48, dtype=torch.bfloat16)
+    half = tuple(x.requires_grad_() for x in student)
+    full = tuple(x.detach().float().requires_grad_() for x in student)
+    (a, _), (b, _) = (minilm_relation_loss(x, teacher, mask, num_relation_heads=4) for x in (half, full))
+    a.backward()
+    b.backward()
+    assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-6)
+    for h, f in zip(half, full):
+        assert h.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(h.grad.float(), f.grad.to(torch.bfloat16).float())  # fp32 gradient, rounded once
+
+
 def test_relation_loss_ignores_padding_values_and_is_zero_for_equal_inputs():
     qkv, mask = padded_inputs(0, (6, 2), hidden=24)
     loss, _ = minilm_relation_loss(qkv, qkv, mask, num_relation_heads=3)
@@ -59,14 +130,15 @@ def test_relation_loss_ignores_padding_values_and_is_zero_for_equal_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_relation_loss_is_finite_in_half_precision_with_large_activations(dtype):
-    student, mask = padded_inputs(0, (8, 3), hidden=32, dtype=dtype, scale=30.0)
-    teacher, _ = padded_inputs(1, (8, 3), hidden=64, dtype=dtype, scale=30.0)
+    # The third example is all padding: its rows and keys are masked out entirely, and must not give NaN.
+    student, mask = padded_inputs(0, (8, 3, 0), hidden=32, dtype=dtype, scale=30.0)
+    teacher, _ = padded_inputs(1, (8, 3, 0), hidden=64, dtype=dtype, scale=30.0)
     student = tuple(x.requires_grad_() for x in student)
     loss, parts = minilm_relation_loss(student, teacher, mask, num_relation_heads=4, aux_loss=torch.tensor(0.02))
     loss.backward()
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(torch.isfinite(x.grad).all() for x in student)
-    assert torch.all(student[0].grad[1, 3:] == 0)  # padded positions get no gradient
+    assert torch.all(student[0].grad[1, 3:] == 0) and torch.all(student[0].grad[2] == 0)  # padding: no gradient
     assert parts["aux"].item() == pytest.approx(0.02)
     assert parts["loss"].item() == pytest.approx((parts["qq"] + parts["kk"] + parts["vv"]).item() / 3 + 0.02, rel=1e-5)
 
