@@ -37,10 +37,9 @@ examples:
   # a cluster: 2 nodes x 8 GPUs listed in a hostfile
   ./launch.sh distill --hostfile hosts.txt --master-addr node0 --teacher ... --shards ... --output ...
 
-  # teacher assistant (the paper's "w/ TA"): teacher -> TA -> student, two runs and an export
-  ./launch.sh distill --teacher BERT_DIR --student 6L384H --experts 1 --shards S --output runs/ta
-  python -m pipeline.export runs/ta runs/ta-model
-  ./launch.sh distill --teacher runs/ta-model --student 3L384H --shards S --output runs/student-ta
+  # teacher assistant (the paper's "w/ TA"): teacher -> dense 12L;384H TA (runs/w-ta/assistant) -> student,
+  # one recipe; add --resume to go on with whichever stage was interrupted
+  ./launch.sh distill --teacher BERT_DIR --assistant 12L384H --student 3L384H --experts 1 --shards S --output runs/w-ta
 
   # finetune the exported student on RTE with 2 data-parallel processes
   ./launch.sh finetune --num-procs 2 --model runs/student-model --task rte --data-dir DATA --output runs/rte

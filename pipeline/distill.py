@@ -34,6 +34,7 @@ from minimoe_common.files import file_sha256
 from minimoe_common.tokenizer import packaged_teacher_dir
 from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
+from pipeline.export import export
 from pipeline.models import TINYBERT_PROJECTION, Student, StudentConfig
 from pipeline.models.moe import localize_experts
 from pipeline.models.files import check_max_seq_length, loading
@@ -73,7 +74,7 @@ class DistillConfig:
     relation_heads: int = 32
     """Relation heads R that Q, K and V are split into; teacher and student hidden sizes must divide by it (--objective minilm only). 32 as in all of the authors' scripts; it divides 1024, so large teachers work too; MiniLMv2 distils large teachers with 64 (48 divides neither 1024 nor 768's students: refused)."""
     student: str = "3L384H"
-    """Student size preset (pipeline.models.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 12L384H, 12L768H)."""
+    """Student size preset (pipeline.models.STUDENT_PRESETS: 6L384H, 4L384H, 3L384H, 4L192H, 4L312H (TinyBERT's), 12L384H, 12L768H)."""
     student_config: str | None = None
     """A student config.json (any StudentConfig fields) used instead of the preset; the shape flags below still override it."""
     layers: int | None = None
@@ -86,6 +87,8 @@ class DistillConfig:
     """Experts per FFN: 1 = MiniLM (dense), 4 = MiniMoE (default with a preset; the file's value with --student-config)."""
     relation_projection: bool | None = None
     """Distil the relations from an extra Q/K/V projection of the student's last hidden state (the authors' MiniMoE) instead of its last layer's own Q/K/V (their MiniLM); default: on for MoE students with --objective minilm, off otherwise. Export drops it."""
+    assistant: str | None = None
+    """Teacher assistant (the paper's "w/ TA"): a dense student preset (12L384H, the paper's) distilled first from --teacher with this recipe into OUTPUT/assistant and exported there, then the student from the assistant's last layer; --resume goes on with whichever stage was interrupted."""
     router_noise: str | None = None
     """Router noise in training: LogitJitter (+-0.1 uniform on the logits, the authors'), RSample (Gumbel: the choice is a sample), Jitter (DeepSpeed's input jitter) or none; default: the student config's (LogitJitter)."""
     ep_size: int = 1
@@ -579,11 +582,34 @@ def distill(cfg: DistillConfig) -> None:
         print(log.summary(root / checkpoint.tag_for(step)), file=sys.stderr)
 
 
+def distill_with_assistant(cfg: DistillConfig) -> None:
+    """teacher -> assistant (OUTPUT/assistant, exported to OUTPUT/assistant/model) -> student (OUTPUT), the same
+    recipe for both; each stage resumes with --resume when it has checkpoints, a finished stage is not redone."""
+    init_single_process()
+    init_distributed()
+    stage = Path(cfg.output) / "assistant"
+    model = stage / "model"
+    if not (model / "config.json").is_file():
+        assistant = dataclasses.replace(
+            cfg, output=str(stage), student=cfg.assistant, student_config=None, layers=None, hidden=None, heads=None,
+            experts=1, relation_projection=None, assistant=None, ep_size=1,
+            resume=cfg.resume and checkpoint.latest_tag(stage / "checkpoints") is not None)
+        state = checkpoint_to_resume(assistant) if assistant.resume else None
+        if state is None or state["step"] < state["schedule"]["total_steps"]:  # (killed before its export)
+            distill(assistant)
+        if dist.get_rank() == 0:
+            export(stage, model)
+        dist.barrier()
+    student = dataclasses.replace(cfg, teacher=str(model), teacher_layer=-1, assistant=None,
+                                  resume=cfg.resume and checkpoint.latest_tag(Path(cfg.output) / "checkpoints") is not None)
+    distill(student)
+
+
 def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = parse_config(argv)
-        distill(cfg)
+        distill_with_assistant(cfg) if cfg.assistant else distill(cfg)
         code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Every rank says why it stops: the launcher kills the others as soon as one exits, so a message

@@ -448,3 +448,39 @@ def test_a_1024_wide_teacher_distils_with_32_or_64_relation_heads(tmp_path, rela
     assert torch.isfinite(loss) and loss > 0
     with pytest.raises(ValueError, match="--relation-heads 48 does not divide the teacher hidden size 1024"):
         distill.check_heads(dataclasses.replace(cfg, relation_heads=48), student.config, teacher)
+
+
+def test_teacher_assistant_chain_runs_both_stages_and_resumes_the_interrupted_one(tmp_path, teacher_dir, monkeypatch,
+                                                                                   capsys):
+    """--assistant 12L384H: the packaged teacher -> a dense 12L;384H assistant (OUTPUT/assistant, exported) -> the
+    student from the assistant's last layer, one recipe. --resume redoes nothing finished."""
+    from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from test_data_loader import write_shards
+
+    write_shards(tmp_path / "shards", [16], fingerprint=tokenizer_fingerprint(load_tokenizer(str(teacher_dir))))
+    run = tmp_path / "run"
+    args = ["--teacher", str(teacher_dir), "--shards", str(tmp_path / "shards"), "--output", str(run),
+            "--assistant", "12L384H", "--layers", "1", "--hidden", "32", "--heads", "2", "--experts", "2",
+            "--relation-heads", "2", "--micro-batch-size", "4", "--global-batch-size", "4", "--max-steps", "2",
+            "--warmup", "0", "--deepspeed-config", str(REPO / "ds_configs" / "zero0.json")]
+    assert run_in_process(monkeypatch, args) == 0, capsys.readouterr().err
+    assistant = json.loads((run / "assistant" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert (assistant["student"]["num_layers"], assistant["student"]["hidden_size"]) == (12, 384)
+    assert assistant["student"]["num_experts"] == 1 and assistant["config"]["teacher"] == str(teacher_dir)
+    model = run / "assistant" / "model"
+    assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 12
+    student = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert student["config"]["teacher"] == str(model) and student["config"]["teacher_layer"] == -1
+    assert (student["student"]["num_layers"], student["student"]["num_experts"]) == (1, 2)
+
+    # Killed after the assistant's last checkpoint, before its export and the student stage: --resume exports
+    # the assistant without training it again, then distils the student afresh.
+    shutil.rmtree(model)
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").unlink()
+    assistant_log = (run / "assistant" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert run_in_process(monkeypatch, [*args, "--resume"]) == 0, capsys.readouterr().err
+    assert (run / "assistant" / "metrics.jsonl").read_text() == assistant_log  # not a step more
+    assert (model / "config.json").is_file()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]

@@ -61,3 +61,13 @@ def test_real_teacher_dir_and_cli(teacher_dir, capsys):
     assert "| 4L192H | 7.7 |" in capsys.readouterr().out
     assert main(["no/such/model", "--no-throughput"]) == 2
     assert capsys.readouterr().err.startswith("error: no/such/model: not a preset")
+
+
+def test_tinybert_4l312h_preset_by_hand():
+    """TinyBERT's general-distillation student: 4 layers, hidden 312, FFN 1200, 12 heads (Jiao et al. 2020)."""
+    embeddings = 30522 * 312 + 512 * 312 + 2 * 312 + 2 * 312
+    layer = 4 * (312 * 312 + 312) + 2 * 2 * 312 + (312 * 1200 + 1200) + (1200 * 312 + 312)
+    report = compute_report("4L312H", None, throughput=False)
+    assert (report.embedding_params, report.layer_params) == (embeddings, 4 * layer) == (9_683_856, 4_568_736)
+    assert report.total_params == 14_252_592  # TinyBERT's 14.5M also counts BERT's pooler and its 312 -> 768 W_h
+    assert report.gflops == pytest.approx(4 * layer * 128 / 1e9)  # the paper's convention: params x tokens

@@ -176,6 +176,7 @@ STUDENT_PRESETS: dict[str, dict[str, int]] = {
     "4L384H": dict(num_layers=4, hidden_size=384),
     "3L384H": dict(num_layers=3, hidden_size=384),
     "4L192H": dict(num_layers=4, hidden_size=192),
+    "4L312H": dict(num_layers=4, hidden_size=312, intermediate_size=1200),  # TinyBERT's general-distillation student
     "12L384H": dict(num_layers=12, hidden_size=384),  # teacher assistant of BERT-base students
     "12L768H": dict(num_layers=12, hidden_size=768),  # BERT-base shape (teacher assistant of BERT-large)
 }
