@@ -230,6 +230,8 @@ def test_other_settings_in_the_same_output_are_refused(reference, capsys, teache
     (["build", "--input", "{sample}", "--output", "{tmp}/o", "--num-partitions", "2", "--partition-index", "2"],
      "error: --partition-index 2: must be in [0, --num-partitions 2)"),
     (["build", "--input", "{sample}", "--output", "{tmp}/o", "--max-seq-length", "4"], "error: --max-seq-length 4: must be >= 5"),
+    (["build", "--input", "{sample}", "--output", "{tmp}/o", "--unit-bytes", "0"], "error: --unit-bytes 0: must be >= 1"),
+    (["build", "--format", "arrow", "--input", "{sample}", "--output", "{tmp}/o"], "error: {sample}: cannot read as arrow: "),
     (["merge", "{tmp}"], "error: {tmp}: no plan.json"),
     (["inspect", "{tmp}"], "error: {tmp}/manifest.json: not found"),
 ])
