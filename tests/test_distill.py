@@ -59,6 +59,15 @@ def test_config_validation(teacher_dir, monkeypatch):
         parse_config([*REQUIRED, "--warmup", "1.5"])
     with pytest.raises(SystemExit):
         parse_config([*REQUIRED, "--lr", "fast"])
+    with pytest.raises(ValueError, match=r"--teacher-rope must be post or pre \(got 'mid'\)"):
+        parse_config([*REQUIRED, "--teacher-rope", "mid"])
+
+
+def test_teacher_rope_reaches_the_teacher(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(distill.Teacher, "from_pretrained", lambda path, **kw: seen.update(kw) or SimpleNamespace(tokenizer=1))
+    distill.load_teacher(parse_config([*REQUIRED, "--teacher-rope", "pre", "--teacher-layer", "-2"]), torch.bfloat16)
+    assert seen == {"layer": -2, "dtype": torch.bfloat16, "rope": "pre"}
 
 
 def test_every_field_has_help(capsys):
