@@ -9,6 +9,8 @@
   for task-specific distillation (the paper's "w/ KD" rows).
 - task_loss: the finetuning loss on labels (cross-entropy, or MSE for regression), the hard-label term
   of logit_kd_loss; the one definition that finetuning and the task heads use.
+- patient_loss: PKD's normalised [CLS] hidden-state loss (Sun et al. 2019, L_PT), added to logit KD by
+  finetuning's --pkd-beta.
 The student's MoE aux loss (already weighted by StudentConfig.aux_loss_weight) is added when given.
 All arithmetic is fp32: bf16/fp16 inputs are upcast before any product, softmax or exp.
 """
@@ -222,3 +224,13 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.size(-1) == 1:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def patient_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.Tensor:
+    """PKD's patient loss L_PT (Sun et al. 2019, Sec. 3.2) on the [CLS] states of M mapped layer pairs.
+
+    student_cls / teacher_cls (B, M, H), each state L2-normalised, then the squared differences averaged over
+    the batch, the pairs and the H units, as the authors' code does (F.mse_loss): the paper's per-example sum over
+    pairs of squared distances, divided by M x H. Their beta grid (10 to 1000) was tuned on this scale."""
+    s, t = F.normalize(student_cls.float(), dim=-1), F.normalize(teacher_cls.float(), dim=-1)
+    return F.mse_loss(s, t)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minimoe_common.cli import check_output_dir, refuse_invalid
+from minimoe_common.cli import InputError, check_output_dir, refuse_invalid
 from pipeline.optim import read_deepspeed_config
 
 # `--grid` without explicit lists. The authors' finetuning scripts use lr 3e-5 with batch 16 on RTE and MRPC
@@ -13,6 +13,7 @@ from pipeline.optim import read_deepspeed_config
 GRID_LR = (2e-5, 3e-5)
 GRID_BATCH_SIZE = (16, 32)
 DEFAULT_LR, DEFAULT_BATCH_SIZE = (5e-5,), (32,)
+PKD_STRATEGIES = ("skip", "last")
 
 
 @dataclass
@@ -60,11 +61,23 @@ class FinetuneConfig:
     max_train_examples: int | None = None
     """Use only the first N training examples (e.g. 20000 for SST-2); default: all."""
     teacher: str | None = None
-    """Finetuned model dir for task-specific KD (the paper's KD rows)."""
-    kd_alpha: float = 0.5
-    """Weight of the KD term; 1 - kd_alpha weighs the task loss."""
-    temperature: float = 1.0
-    """Softmax temperature of the KD term."""
+    """Finetuned model dir for task-specific KD (the paper's KD rows; its PKD row with --pkd-beta)."""
+    kd_alpha: float | None = None
+    """Weight of the KD term; 1 - kd_alpha weighs the task loss (default: 0.5, or 0.7 with --pkd-beta)."""
+    temperature: float | None = None
+    """Softmax temperature of the KD term (default: 1, or 10 with --pkd-beta)."""
+    pkd_beta: float = 0.0
+    """PKD (Sun et al. 2019, patient KD): weight beta of the patient loss added to KD, the squared difference of
+    the L2-normalised [CLS] states of mapped student and teacher layers, averaged over the batch, the pairs and
+    the hidden units as the authors' code does (the paper's sum / (pairs x hidden), the scale their beta
+    was tuned on); 0 = off; > 0 needs --teacher of the student's hidden size. The authors' PKD recipe (their
+    code's predefined PKD arguments, intersun/PKD-for-BERT-Model-Compression; the paper's grid: beta 10, 100,
+    500, 1000 x alpha 0.2, 0.5, 0.7 x T 5, 10, 20): beta 500, alpha 0.7 and T 10 (the defaults of --kd-alpha
+    and --temperature with --pkd-beta), lr 1e-5."""
+    pkd_strategy: str = field(default="skip", metadata={"choices": PKD_STRATEGIES})
+    """PKD's layer mapping of student layers 1 .. Ls-1 (the last one learns through the logits): skip, to
+    teacher layers k x Lt / Ls, rounded down (12 -> 6: 2, 4, 6, 8, 10); last, to the teacher's Ls-1 layers
+    before its last (12 -> 6: 7 to 11)."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON config (e.g. ds_configs/zero2.json); default: ZeRO-0 fp32."""
 
@@ -72,6 +85,8 @@ class FinetuneConfig:
         # None = not given: explicit values win over the grid's
         self.lr = self.lr or list(GRID_LR if self.grid else DEFAULT_LR)
         self.batch_size = self.batch_size or list(GRID_BATCH_SIZE if self.grid else DEFAULT_BATCH_SIZE)
+        self.kd_alpha = (0.7 if self.pkd_beta else 0.5) if self.kd_alpha is None else self.kd_alpha
+        self.temperature = (10.0 if self.pkd_beta else 1.0) if self.temperature is None else self.temperature
         refuse_invalid(self, {
             "lr": (all(v > 0 for v in self.lr), "must be > 0"),
             "batch_size": (all(v >= 1 for v in self.batch_size), "must be >= 1"),
@@ -85,7 +100,11 @@ class FinetuneConfig:
             "max_train_examples": (self.max_train_examples is None or self.max_train_examples >= 1, "must be >= 1"),
             "kd_alpha": (0 <= self.kd_alpha <= 1, "must be in [0, 1]"),
             "temperature": (self.temperature > 0, "must be > 0"),
+            "pkd_beta": (self.pkd_beta >= 0, "must be >= 0 (0: off)"),
+            "pkd_strategy": (self.pkd_strategy in PKD_STRATEGIES, f"must be one of {', '.join(PKD_STRATEGIES)}"),
         })
+        if self.pkd_beta and self.teacher is None:
+            raise InputError(f"--pkd-beta {self.pkd_beta:g} needs --teacher: PKD distils a model finetuned on the task")
         check_output_dir(self.output, "--output")
 
 

@@ -28,7 +28,7 @@ from pipeline.finetune.data import collate, load_task_data
 from pipeline.finetune.scoring import evaluate, majority_baseline
 from pipeline.models import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
 from pipeline.models.files import check_max_seq_length, loading, read_model_config
-from pipeline.objectives import logit_kd_loss, task_loss
+from pipeline.objectives import logit_kd_loss, patient_loss, task_loss
 from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
 from pipeline.tasks import Task, get_task
 
@@ -109,6 +109,46 @@ def kd_loss(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     return logit_kd_loss(logits, teacher_logits, temperature, labels=labels, alpha=alpha)[0]
 
 
+def pkd_layer_pairs(student_layers: int, teacher_layers: int, strategy: str) -> list[tuple[int, int]]:
+    """PKD's (student layer, teacher layer) pairs, 1-based as in hidden_states (0 is the embeddings): student
+    layers 1 .. Ls-1, their last one being distilled through the logits, to teacher layers k x Lt / Ls
+    (skip; rounded down where Lt / Ls is not whole) or Lt - Ls + k (last: the teacher's Ls-1 before its final
+    one). Sun et al. 2019, Sec. 3.2: PKD-Skip and PKD-Last."""
+    if not 2 <= student_layers <= teacher_layers:
+        raise InputError(f"--pkd-beta maps student layers 1 .. Ls-1 to teacher layers: it needs 2 <= Ls <= Lt, got "
+                         f"a student of {student_layers} layers and a teacher of {teacher_layers}")
+    offset = teacher_layers - student_layers
+    return [(k, k * teacher_layers // student_layers if strategy == "skip" else offset + k)
+            for k in range(1, student_layers)]
+
+
+def pkd_pairs(config: FinetuneConfig, model: torch.nn.Module, teacher: torch.nn.Module | None) -> list[tuple[int, int]]:
+    """The layer pairs of the patient loss ([] without --pkd-beta). The [CLS] states are compared as they are,
+    as in PKD (its students are BERT-base wide): another width is refused, not bridged by a learned projection
+    (that would be another method, TinyBERT's W_h)."""
+    if not config.pkd_beta:
+        return []
+    student, teacher = model.config, teacher.config
+    if student.hidden_size != teacher.hidden_size:
+        raise InputError(f"--pkd-beta compares [CLS] states of equal width: the student's hidden size is "
+                         f"{student.hidden_size}, the teacher's {teacher.hidden_size} ({config.teacher})")
+    return pkd_layer_pairs(student.num_hidden_layers, teacher.num_hidden_layers, config.pkd_strategy)
+
+
+def distillation_loss(task: Task, out, teacher_out, labels: torch.Tensor, config: FinetuneConfig,
+                      pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (loss, patient loss or None). KD (kd_loss), plus with layer pairs PKD's beta x patient loss on their
+    [CLS] states (Sun et al. 2019: (1 - alpha) CE + alpha T^2 KL + beta L_PT); `out` / `teacher_out`:
+    model outputs with logits (and hidden_states, when there are pairs)."""
+    loss = kd_loss(task, out.logits, teacher_out.logits, labels, config.kd_alpha, config.temperature)
+    if not pairs:
+        return loss, None
+    student_cls = torch.stack([out.hidden_states[i][:, 0] for i, _ in pairs], 1)  # (B, M, H)
+    teacher_cls = torch.stack([teacher_out.hidden_states[j][:, 0] for _, j in pairs], 1)
+    patient = patient_loss(student_cls, teacher_cls)
+    return loss + config.pkd_beta * patient, patient
+
+
 def is_main_process() -> bool:
     """Rank 0, or the only process; the launcher's RANK is known before torch.distributed is up."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -165,6 +205,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     model, tokenizer = build_model(config.model, task)
     teacher = load_teacher(config.teacher, task, tokenizer)
+    pairs = pkd_pairs(config, model, teacher)
     data = load_task_data(task, config.data_dir, tokenizer, config.max_seq_length, config.max_train_examples)
 
     init_single_process()
@@ -185,13 +226,13 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     with tqdm(total=total_steps, desc=description, disable=rank != 0) as progress:  # closed before an error prints
         for step, batch in enumerate(training_batches(loader, sampler), start=1):
             engine.train()
-            loss, aux = train_step(engine, teacher, task, batch, config)
-            losses = dict(zip(("loss", "aux"), torch.stack([loss.detach().float(), aux.detach()]).tolist()))  # one sync
+            terms = train_step(engine, teacher, task, batch, config, pairs)
+            losses = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))  # one sync
             check_finite(losses, step)
             examples += len(batch["labels"]) * world
             progress.update()
             if writer and step % 10 == 0:
-                log_scalars(writer, step, {"train/loss": losses["loss"], "train/aux_loss": losses["aux"],
+                log_scalars(writer, step, {**{f"train/{name}": value for name, value in losses.items()},
                                            "train/lr": engine.get_lr()[0]})
             if step in scored_at:
                 evaluation = evaluate(engine.module, task, data, 2 * batch_size, tokenizer.pad_token_id, step)
@@ -216,7 +257,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
         "steps": total_steps, "steps_trained": step, "stopped_early": step < total_steps,
         "seconds": round(seconds, 1),  # training and the dev evaluations
         "train_examples_per_second": round(examples / seconds, 1),
-        "model_dir": str(output / "model"), "config": dataclasses.asdict(config),
+        "pkd_layer_pairs": pairs, "model_dir": str(output / "model"), "config": dataclasses.asdict(config),
     }
     if rank == 0:
         write_json(output / "results.json", results)
@@ -228,22 +269,28 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     return results
 
 
-def train_step(engine, teacher, task: Task, batch: dict[str, torch.Tensor], config: FinetuneConfig):
-    """One optimizer step on task loss (or KD) + the student's MoE aux loss (HF models have none)."""
+def train_step(engine, teacher, task: Task, batch: dict[str, torch.Tensor], config: FinetuneConfig,
+               pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """One optimizer step on task loss (or KD, or PKD) + the student's MoE aux loss (HF models have none).
+    -> {"loss": the loss without aux, "aux_loss", and with PKD "patient_loss" (before its weight beta)}."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     labels = batch.pop("labels")
-    out = engine(**batch)
+    hidden = {"output_hidden_states": True} if pairs else {}  # our heads and transformers' alike
+    out = engine(**batch, **hidden)
     aux = getattr(out, "aux_loss", None)
     aux = torch.zeros((), device=engine.device) if aux is None else aux.float()
+    terms = {}
     if teacher is None:
         loss = task_loss(out.logits, labels)
     else:
         with torch.no_grad():
-            teacher_logits = teacher(**batch).logits
-        loss = kd_loss(task, out.logits, teacher_logits, labels, config.kd_alpha, config.temperature)
+            teacher_out = teacher(**batch, **hidden)
+        loss, patient = distillation_loss(task, out, teacher_out, labels, config, pairs)
+        if patient is not None:
+            terms["patient_loss"] = patient
     engine.backward(loss + aux)
     engine.step()
-    return loss, aux
+    return {"loss": loss, "aux_loss": aux, **terms}
 
 
 def log_scalars(writer, step: int, values: dict[str, float]) -> None:

@@ -118,7 +118,9 @@ def reuse_or_train(run: FinetuneConfig, run_dir: Path) -> dict:
     if not path.is_file():
         return finetune(run)
     results = json.loads(path.read_text())
-    changed = changed_fields(results.get("config", {}), dataclasses.asdict(run),
+    # A field added since that run is at its default there: new fields default to the earlier behaviour.
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
+    changed = changed_fields({**defaults, **results.get("config", {})}, dataclasses.asdict(run),
                              paths=("model", "data_dir", "teacher", "deepspeed_config"), keep=("output",))
     if changed:
         raise ValueError(f"{path}: trained with another recipe ({'; '.join(changed)}); use another --output, "

@@ -22,6 +22,8 @@ class TaskOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     """The student's weighted aux loss (already included in `loss`)."""
     expert_counts: list[torch.Tensor] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """With output_hidden_states: the student's, the embeddings' output then each layer's (B, T, H)."""
 
 
 class _TaskHead(StudentPreTrainedModel):
@@ -44,11 +46,13 @@ class _TaskHead(StudentPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_dict: bool | None = None) -> TaskOutput | tuple:
-        out = self.student(input_ids, attention_mask, token_type_ids, qkv_layer=None)
+                output_hidden_states: bool = False, return_dict: bool | None = None) -> TaskOutput | tuple:
+        out = self.student(input_ids, attention_mask, token_type_ids, qkv_layer=None,
+                           output_hidden_states=output_hidden_states)
         logits = self.classifier(self.dropout(self.features(out.last_hidden_state)))
         loss = None if labels is None else task_loss(logits, labels) + out.aux_loss
-        result = TaskOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, expert_counts=out.expert_counts)
+        result = TaskOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, expert_counts=out.expert_counts,
+                            hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
 
 

@@ -41,6 +41,8 @@ class StudentOutput(ModelOutput):
     relation_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """The Q, K, V that MiniLMv2's relations are distilled from: the relation projection's of the last hidden
     state when the config has one (the authors' MiniMoE), else `qkv` (the authors' MiniLM)."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """With output_hidden_states, transformers': the embeddings' output then each layer's, (B, T, H) each."""
 
 
 
@@ -163,10 +165,10 @@ class Student(StudentPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, qkv_layer: int | None = -1,
-                return_dict: bool | None = None) -> StudentOutput | tuple:
+                output_hidden_states: bool = False, return_dict: bool | None = None) -> StudentOutput | tuple:
         """input_ids (B, T); attention_mask (B, T), 1 = real token; qkv_layer: layer index (negative counts
-        from the end) whose Q/K/V to return, None for none (and no relation Q/K/V either); return_dict=False
-        gives transformers' tuple form."""
+        from the end) whose Q/K/V to return, None for none (and no relation Q/K/V either); output_hidden_states:
+        also every layer's output (PKD); return_dict=False gives transformers' tuple form."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -176,10 +178,13 @@ class Student(StudentPreTrainedModel):
         used_tokens = attention_mask.reshape(-1).long()  # (B*T,); int: the gate counts with it
         x = self.embeddings(input_ids, token_type_ids)
         qkv, layer_input, attention_aux, ffn_aux, counts = None, None, [], [], []
+        hidden = [x] if output_hidden_states else None  # kept only when asked: L more activations held
         for index, layer in enumerate(self.layers):
             if index == wanted:
                 layer_input = x
             x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens)
+            if hidden is not None:
+                hidden.append(x)
             if attention_routing is not None:
                 attention_aux.append(attention_routing[0])
             if ffn_routing is not None:
@@ -194,7 +199,8 @@ class Student(StudentPreTrainedModel):
         means = [torch.stack(aux).float().mean() for aux in (attention_aux, ffn_aux) if aux]
         aux_loss = torch.stack(means).mean() if means else x.new_zeros((), dtype=torch.float32)
         out = StudentOutput(last_hidden_state=x, qkv=qkv, aux_loss=self.config.aux_loss_weight * aux_loss,
-                            expert_counts=counts, qkv_layer_input=layer_input, relation_qkv=relation_qkv)
+                            expert_counts=counts, qkv_layer_input=layer_input, relation_qkv=relation_qkv,
+                            hidden_states=None if hidden is None else tuple(hidden))
         return out if return_dict is not False else out.to_tuple()
 
     def ffn_linears(self) -> dict[str, nn.Module]:
