@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a file size limit, a read-only dir: finished shards are kept
+        print(f"error: {e.filename}: {e.strerror}; shards finished so far are kept: rerun the same command to go on",
+              file=sys.stderr)
+        return 1
     return 0
 
 

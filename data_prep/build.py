@@ -121,8 +121,10 @@ def _build_unit(task: tuple[int, str, Span]) -> dict:
                 stats["empty_documents"] += len(texts) - len(sentence_lengths)
                 stats["num_samples"] += len(pairs)
                 stats["random_next"] += sum(p.is_random_next for p in pairs)
-    except BaseException:  # a unit that fails half-way (or a kill) leaves no partial shard behind
+    except BaseException as e:  # a unit that fails half-way (or a kill) leaves no partial shard behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # pyarrow's write errors do not name the file
+            raise OSError(e.errno, e.strerror or str(e).splitlines()[0], str(shard)) from None
         raise
     os.replace(tmp, shard)
     stats = {"file": shard.name, "source": source, "span": list(span), "sha256": file_sha256(shard),

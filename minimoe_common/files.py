@@ -15,7 +15,11 @@ def write_text(path: Path, text: str) -> None:
     """Write `text` under a temporary name, then rename: readers never see half a file (processes writing the
     same file at once each use their own temporary)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as e:  # a full disk, a file size limit: no temporary left behind, the file named
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)
 
 

@@ -68,13 +68,17 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
 def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer, keep: int) -> Path:
     """Write checkpoint `step` on every rank (collective), then point `latest` at it and keep the newest `keep`."""
     root, tag, rank = Path(root), tag_for(step), dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # ends with a barrier
     step_dir = root / tag
-    torch.save(rng_state(), step_dir / f"rng-rank{rank:05d}.pt")
-    if rank == 0:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(step_dir / "tokenizer"))
-        write_text(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # ends with a barrier
+        torch.save(rng_state(), step_dir / f"rng-rank{rank:05d}.pt")
+        if rank == 0:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(step_dir / "tokenizer"))
+            write_text(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError; `latest` is not moved
+        raise OSError(getattr(e, "errno", None), f"cannot write the checkpoint: {str(e).splitlines()[0]}",
+                      str(step_dir)) from None
     dist.barrier()  # every rank's files are on disk: only now is the checkpoint complete
     if rank == 0:
         write_json(step_dir / CHECKSUMS, checksums(step_dir))

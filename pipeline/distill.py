@@ -618,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
         # left to rank 0 can be lost, and some errors (a file missing on one node) are one rank's own.
         print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr)
         code = 2 if not isinstance(e, FloatingPointError) else 1
+    except OSError as e:  # a full disk, a file size limit: what was written before stays usable
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{f'[rank {rank}] ' if rank else ''}error: {where}{e.strerror or e}; checkpoints/latest names the "
+              f"newest complete checkpoint (if any): rerun with --resume once there is room", file=sys.stderr)
+        code = 1
     # A clean shutdown on every rank: without it some finished gloo runs abort in the destructor
     # ("terminate called without an active exception") and the launcher reports a failure.
     if dist.is_initialized():

@@ -231,6 +231,29 @@ def test_resumed_distillation_lr_is_continuous_and_runs_without_the_launcher(tmp
     assert [r["lr"] for r in records] == pytest.approx([1e-2 * f for f in (0.5, 0.375, 0.25, 0.125)])
 
 
+def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, teacher_dir, tokenizer):
+    """A checkpoint write that fails (RLIMIT_FSIZE below the model states' size, as a full disk): one line naming
+    the step dir, exit 1, `latest` not moved."""
+    import resource
+
+    from test_data_loader import write_shards
+
+    write_shards(tmp_path / "shards", [8], fingerprint=tokenizer_fingerprint(tokenizer))
+    run = tmp_path / "run"
+    args = ["-m", "pipeline.distill", "--teacher", str(teacher_dir), "--shards", str(tmp_path / "shards"),
+            "--layers", "1", "--hidden", "32", "--heads", "2", "--experts", "1", "--relation-heads", "2",
+            "--micro-batch-size", "4", "--global-batch-size", "4", "--max-steps", "1", "--output", str(run),
+            "--deepspeed-config", str(REPO / "ds_configs" / "zero0.json")]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))  # noqa: E731
+    full = subprocess.run([sys.executable, *args], cwd=REPO, env={**ENV, "TORCHDYNAMO_DISABLE": "1"},
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit)  # (the 4 MB embedding)
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert re.fullmatch(rf"error: {run / 'checkpoints' / 'step-00000001'}: cannot write the checkpoint: .*; "
+                        r"checkpoints/latest names the newest complete checkpoint \(if any\): rerun with --resume "
+                        r"once there is room", full.stderr.strip().splitlines()[-1])
+    assert not (run / "checkpoints" / "latest").exists()
+
+
 def test_fingerprint_covers_normalisation(teacher_dir, tokenizer):
     from tokenizers import normalizers
 

@@ -308,3 +308,24 @@ def test_data_prep_does_not_import_transformers(tmp_path, teacher_dir):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, teacher_dir):
+    """A write over the file size limit (RLIMIT_FSIZE, as a full disk: the write fails, EFBIG here, ENOSPC there):
+    one line naming the shard, exit 1, no half-written shard counted; the same command finishes once there is room."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "data_prep", "build", "--input", str(REPO / "examples/data/wiki_sample"),
+            "--output", str(out), "--tokenizer", str(teacher_dir), "--workers", "1"]
+    full = subprocess.run(args, capture_output=True, text=True, cwd=REPO, preexec_fn=small_files, timeout=300)
+    assert full.returncode == 1
+    assert re.fullmatch(rf"error: {out / 'shard-00000.arrow'}: .*File too large; shards finished so far are kept: "
+                        r"rerun the same command to go on", full.stderr.strip().splitlines()[-1])
+    assert not (out / "manifest.json").exists() and sorted(p.name for p in out.iterdir()) == ["plan.json"]
+    again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "manifest.json").read_text())["totals"]["num_samples"] > 0
