@@ -1,4 +1,5 @@
-"""What a process leaves behind: stdout carries results only (what DeepSpeed logs or prints goes to stderr, pipeline.logs), and no shared memory (DeepSpeed's CPU allreduce buffer)."""
+"""What a process leaves behind: stdout carries results only (what DeepSpeed logs or prints goes to stderr,
+pipeline.logs), and no shared memory (DeepSpeed's CPU allreduce buffer)."""
 import json
 import os
 import subprocess
