@@ -137,7 +137,7 @@ def test_non_finite_finetune_loss_stops_the_run_naming_the_step(tmp_path, tiny_s
     result = run_module("pipeline.finetune", "--model", str(tiny_student), "--task", "stsb", "--data-dir", str(data),
                         "--output", str(tmp_path / "out"), "--batch-size", "2", "--max-seq-length", "8")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == ("error: non-finite loss at step 1: loss=inf, aux=0; "
+    assert result.stderr.strip().splitlines()[-1] == ("error: non-finite loss at step 1: loss=inf, aux_loss=0; "
                                                       "lower --lr or check the data")
     assert not (tmp_path / "out" / "results.json").exists()
 
