@@ -4,8 +4,8 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: ./launch.sh distill [launch options] [minimoe-distill flags]
-       ./launch.sh finetune [launch options] [suite] [minimoe-finetune flags]
+usage: ./launch.sh [--slurm] distill [launch options] [minimoe-distill flags]
+       ./launch.sh [--slurm] finetune [launch options] [suite] [minimoe-finetune flags]
 
 Runs `deepspeed ... --module pipeline.COMMAND FLAGS` and prints that command first.
 minimoe-distill flags: see `python -m pipeline.distill --help` (e.g. --teacher --shards --output).
@@ -19,8 +19,13 @@ launch options (taken by this script, anywhere on the line):
   --num-nodes N  --include S  --exclude S  --master-addr A  --master-port P  --launcher L
                      passed to the deepspeed launcher (multi-node; --master-port also single-node,
                      where a free port is picked when it is not given)
-  --no-ssh           multi-node without ssh: run this script on every node with --node-rank I
-  --node-rank I      this node's rank with --no-ssh
+  --no-ssh           multi-node without ssh: run this script on every node, each with the same --hostfile,
+                     --master-addr (node 0's address) and --master-port, and its own --node-rank
+  --node-rank I      this node's rank with --no-ssh: its line in the hostfile, from 0
+  --slurm            under srun, one task per node: writes the hostfile from SLURM_JOB_NODELIST
+                     (`scontrol show hostnames`, slots = --num-procs or this node's devices), then runs as
+                     --no-ssh --node-rank $SLURM_NODEID --master-addr FIRST_HOST
+                     --master-port $((20000 + SLURM_JOB_ID % 10000)) (either can be given instead)
   --bind-cores       pin each CPU rank to its own cores (needs numactl; ~25% faster on CPUs)
   --verbose          the launcher's INFO lines (its per-rank bookkeeping; default: warnings and errors only)
   --dry-run          print the command, do not run it
@@ -34,8 +39,12 @@ examples:
   # two processes, experts spread over both (expert parallelism), bf16
   ./launch.sh distill --num-procs 2 --ep-size 2 --deepspeed-config ds_configs/zero2-bf16.json \
       --teacher TEACHER_DIR --shards runs/shards --output runs/minimoe-ep2
-  # a cluster: 2 nodes x 8 GPUs listed in a hostfile
+  # a cluster: 2 nodes x 8 GPUs listed in a hostfile, started over ssh (pdsh) from node0
   ./launch.sh distill --hostfile hosts.txt --master-addr node0 --teacher ... --shards ... --output ...
+  # the same without ssh: this line on every node, with --node-rank 0 on node0 and 1 on the other
+  ./launch.sh distill --hostfile hosts.txt --no-ssh --node-rank 0 --master-addr node0 --master-port 29500 ...
+  # Slurm: one launcher per node, each starting that node's ranks
+  srun --nodes 2 --ntasks-per-node 1 ./launch.sh --slurm distill --teacher ... --shards ... --output ...
 
   # teacher assistant (the paper's "w/ TA"): teacher -> dense 12L;384H TA (runs/w-ta/assistant) -> student,
   # one recipe; add --resume to go on with whichever stage was interrupted
@@ -49,6 +58,10 @@ EOF
 # This node's cores, whatever OMP_NUM_THREADS says (nproc obeys it: OMP_NUM_THREADS=1 would mean one process).
 cores() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
 
+fail() { echo "error: $*" >&2; exit 2; }
+
+slurm=0
+if [[ "${1:-}" == "--slurm" ]]; then slurm=1; shift; fi
 if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 0; fi
 command=$1; shift
 if [[ "$command" != "distill" && "$command" != "finetune" ]]; then
@@ -74,6 +87,9 @@ fi
 procs=""
 hostfile=""
 port_given=0
+addr_given=0
+node_rank=""
+no_ssh=0
 multi_node=0
 dry_run=0
 log_level=warning
@@ -89,9 +105,12 @@ while [[ $# -gt 0 ]]; do
     --hostfile) hostfile=$2; multi_node=1; launcher+=(--hostfile "$2"); shift 2 ;;
     --num-nodes|--include|--exclude|--master-addr|--master-port|--launcher|--node-rank)
       [[ "$1" == --master-port ]] && port_given=1
+      [[ "$1" == --master-addr ]] && addr_given=1
+      [[ "$1" == --node-rank ]] && node_rank=$2
       [[ "$1" == --num-nodes || "$1" == --node-rank ]] && multi_node=1
       launcher+=("--$(echo "${1#--}" | tr - _)" "$2"); shift 2 ;;
-    --no-ssh) multi_node=1; launcher+=(--no_ssh); shift ;;
+    --no-ssh) no_ssh=1; multi_node=1; launcher+=(--no_ssh); shift ;;
+    --slurm) slurm=1; shift ;;
     --bind-cores) launcher+=(--bind_cores_to_rank); shift ;;
     --dry-run) dry_run=1; shift ;;
     --verbose) log_level=info; shift ;;
@@ -99,26 +118,51 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+if [[ -n "$procs" && ! "$procs" =~ ^[1-9][0-9]*$ ]]; then
+  fail "--num-procs must be a positive integer, got '$procs'"
+fi
 if [[ -n "$hostfile" && ! -f "$hostfile" ]]; then
-  echo "error: --hostfile $hostfile: no such file" >&2
-  exit 2
+  fail "--hostfile $hostfile: no such file"
 fi
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   gpus=$(nvidia-smi -L | wc -l)
 fi
-if [[ -z "$procs" && -z "$hostfile" ]]; then
+if [[ -z "$procs" && ( -z "$hostfile" || $slurm -eq 1 ) ]]; then
   procs=$(( gpus > 0 ? gpus : $(cores) ))
+fi
+
+# Slurm: srun starts this script once per node; each writes the job's hostfile (every node with this node's
+# slots) and becomes that node's --no-ssh launcher. Node 0 of the job is the master.
+if [[ $slurm -eq 1 ]]; then
+  if [[ -n "$hostfile" || $no_ssh -eq 1 || -n "$node_rank" ]]; then
+    fail "--slurm writes the hostfile and sets --no-ssh and --node-rank itself: drop --hostfile/--no-ssh/--node-rank"
+  fi
+  for var in SLURM_JOB_NODELIST SLURM_NODEID SLURM_JOB_ID; do
+    [[ -n "${!var:-}" ]] || fail "--slurm: $var is not set; run it under srun, one task per node (see ./launch.sh --help)"
+  done
+  command -v scontrol >/dev/null 2>&1 || fail "--slurm: scontrol not found on PATH (it expands SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST)"
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST") || fail "--slurm: scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
+  [[ -n "$hosts" ]] || fail "--slurm: scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host"
+  hostfile=$(mktemp "${TMPDIR:-/tmp}/minimoe-hostfile.XXXXXX")
+  printf '%s slots='"$procs"'\n' $hosts > "$hostfile"
+  launcher+=(--hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID")
+  [[ $addr_given -eq 1 ]] || launcher+=(--master_addr "${hosts%%$'\n'*}")
+  # Every node derives the same port from the job id; two jobs sharing a node do not collide.
+  [[ $port_given -eq 1 ]] || launcher+=(--master_port "$(( 20000 + SLURM_JOB_ID % 10000 ))")
+  no_ssh=1 node_rank=$SLURM_NODEID addr_given=1 port_given=1 multi_node=1
+fi
+# Without ssh nothing asks the nodes for their addresses: each must be told where node 0 is and which it is.
+if [[ $no_ssh -eq 1 ]]; then
+  [[ -n "$hostfile" ]] || fail "--no-ssh needs --hostfile (the same file on every node, one \"HOST slots=N\" line each)"
+  [[ -n "$node_rank" ]] || fail "--no-ssh needs --node-rank I (this node's line in $hostfile, from 0)"
+  [[ $addr_given -eq 1 ]] || fail "--no-ssh needs --master-addr (node 0's address, the same on every node)"
 fi
 # Without GPUs DeepSpeed falls back to its CPU accelerator anyway, warning so in every process; say it.
 if [[ $gpus -eq 0 ]]; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 if [[ -n "$procs" ]]; then
-  if ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: --num-procs must be a positive integer, got '$procs'" >&2
-    exit 2
-  fi
   launcher+=(--num_gpus "$procs")
 fi
 
