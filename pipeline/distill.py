@@ -607,6 +607,16 @@ def distill_with_assistant(cfg: DistillConfig) -> None:
     distill(student)
 
 
+def lost_peer(e: RuntimeError) -> str | None:
+    """The backend's reason when a collective failed because another rank died (killed, out of memory, its node
+    lost), else None. Gloo raises a plain RuntimeError from its transport ("[.../gloo/transport/tcp/pair.cc:537]
+    Read error [127.0.0.1]:12717: Connection reset by peer. This is typically ..."), NCCL a DistBackendError."""
+    message = str(e)
+    if not isinstance(e, dist.DistError) and "gloo/transport" not in message:
+        return None
+    return message.split("] ", 1)[-1].split(". ")[0] if "gloo/transport" in message else message.splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -622,6 +632,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{f'[rank {rank}] ' if rank else ''}error: {where}{e.strerror or e}; checkpoints/latest names the "
               f"newest complete checkpoint (if any): rerun with --resume once there is room", file=sys.stderr)
+        code = 1
+    except RuntimeError as e:
+        reason = lost_peer(e)
+        if reason is None:
+            raise
+        print(f"{f'[rank {rank}] ' if rank else ''}error: another rank is gone ({reason}); checkpoints/latest names "
+              f"the newest complete checkpoint: rerun with --resume", file=sys.stderr)
         code = 1
     # A clean shutdown on every rank: without it some finished gloo runs abort in the destructor
     # ("terminate called without an active exception") and the launcher reports a failure.

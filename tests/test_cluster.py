@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -202,6 +203,19 @@ def test_two_nodes_train_checkpoint_and_resume_on_one_node(shards, teacher_dir, 
 
 # A rank SIGKILLed in the middle of a step (slow)
 
+def test_a_lost_peer_is_told_from_other_runtime_errors():
+    import torch.distributed as dist
+
+    from pipeline.distill import lost_peer
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:12717: Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert lost_peer(gloo) == "Read error [127.0.0.1]:12717: Connection reset by peer"
+    assert lost_peer(dist.DistBackendError("NCCL communicator was aborted on rank 3.\nmore")) == \
+        "NCCL communicator was aborted on rank 3."
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug stays a traceback
+
+
 def logged_steps(run: Path) -> list[int]:
     path = run / "metrics.jsonl"
     text = path.read_text() if path.exists() else ""
@@ -245,6 +259,11 @@ def test_sigkill_of_one_rank_mid_step(shards, teacher_dir, tmp_path, one_thread)
     assert code != 0, output[-3000:]
     assert latency < 30, output[-3000:]
     assert not psutil.wait_procs(list(ranks.values()), timeout=5)[1]  # no rank left behind
+    # Rank 0 meets the broken connection in its next collective (an all-to-all in every MoE forward), well
+    # before the launcher, which looks at its ranks once a second, would stop it: it says so in one line.
+    assert "Traceback" not in output, output[-3000:]
+    assert re.search(r"^error: another rank is gone \(.*Connection (reset|closed) by peer\); checkpoints/latest "
+                     r"names the newest complete checkpoint: rerun with --resume$", output, re.M), output[-3000:]
     # Mid-step: rank 0 never finished step 4 (its record and checkpoint come after the step's last all-reduce).
     assert logged_steps(killed) == [1, 2, 3], output[-3000:]
     root = killed / "checkpoints"
