@@ -8,12 +8,18 @@ tokens (counted by the ceiling run) / seconds, so ratios are ratios of times. Wi
 three measurements are interleaved N times and the best of each is kept (on a busy machine).
 "start-up" is a re-run of a finished build: imports, tokenizer load and manifest, no work.
 
+With --one-jsonl the files' documents are written as one jsonl file instead, built as one unit of work
+(--unit-bytes above its size: how every file was built before units) and cut into units of --unit-bytes,
+with each worker count, in the same run.
+
     python benchmarks/bench_data_prep.py                          # all 100 files of ../shared/data/wikipedia/AA
     python benchmarks/bench_data_prep.py --files 20 --repeat 3    # a subset, on a busy machine
+    python benchmarks/bench_data_prep.py --one-jsonl --unit-bytes 16777216   # one 100 MB file: one unit vs 7
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -52,10 +58,10 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_build(files: list[Path], workers: int, output: str) -> tuple[float, float, int]:
+def run_build(files: list[Path], workers: int, output: str, *extra: str) -> tuple[float, float, int]:
     """(seconds, CPU seconds, peak RSS bytes of the process tree) of one build into `output`."""
     command = [sys.executable, "-m", "data_prep", "build", "--input", *map(str, files), "--output", output,
-               "--workers", str(workers)]
+               "--workers", str(workers), *extra]
     start, cpu_start = time.perf_counter(), children_cpu_seconds()
     process = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
@@ -72,17 +78,54 @@ def run_build(files: list[Path], workers: int, output: str) -> tuple[float, floa
     return seconds, children_cpu_seconds() - cpu_start, peak
 
 
+def one_jsonl(files: list[Path], workers: list[int], unit_bytes: int, repeat: int, tokenizer_path: str) -> None:
+    """The files' documents as one jsonl file: built as one unit, then cut into units of `unit_bytes`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        big, output = Path(tmp) / "all.jsonl", Path(tmp) / "out"
+        with open(big, "w", encoding="utf-8") as f:
+            for path in files:
+                documents = read_documents(path, "wikiextractor", ReadCounts())
+                f.writelines(json.dumps({"text": doc}) + "\n" for doc in documents)
+        tokens = tokenizer_ceiling(files, tokenizer_path)[0]
+        units = -(-big.stat().st_size // unit_bytes)
+        layouts = {"one unit (before)": 1 << 50, f"{units} units of {unit_bytes / 2**20:.4g} MiB (after)": unit_bytes}
+        best: dict[tuple[str, int], tuple[float, float, int]] = {}
+        for _ in range(repeat):
+            for layout, size in layouts.items():
+                for count in workers:
+                    shutil.rmtree(output, ignore_errors=True)
+                    measured = run_build([big], count, str(output), "--format", "jsonl", "--unit-bytes", str(size))
+                    best[layout, count] = min(best.get((layout, count), measured), measured)
+        megabytes = big.stat().st_size / 1e6
+    print(f"one jsonl file of {len(files)} files' documents ({megabytes:.0f} MB, {tokens:,} tokens), best of {repeat}, "
+          f"{platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after")
+    print()
+    print("| layout | workers | seconds | tokens/s | / 1 worker | / one unit | CPU s | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    before = next(iter(layouts))
+    for (layout, count), (seconds, cpu, peak) in best.items():
+        one, whole = best.get((layout, 1)), best[before, count]
+        speedup = f"{one[0] / seconds:.2f}" if one else ""
+        print(f"| {layout} | {count} | {seconds:.1f} | {tokens / seconds:,.0f} | {speedup} | {whole[0] / seconds:.2f} "
+              f"| {cpu:.1f} | {peak / 2**20:,.0f} MiB |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=WIKIPEDIA, help="WikiExtractor directory (default: %(default)s)")
     parser.add_argument("--files", type=int, default=0, help="use only the first N files (default: all)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run (default: 1 2)")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions, best kept (default: 1)")
+    parser.add_argument("--one-jsonl", action="store_true", help="the files as one jsonl file, one unit vs cut")
+    parser.add_argument("--unit-bytes", type=int, default=16 << 20, help="with --one-jsonl (default: %(default)s)")
     args = parser.parse_args()
     files = sorted(p for p in args.input.iterdir() if p.is_file())[:args.files or None]
     if not files:
         sys.exit(f"error: no input files in {args.input}")
     tokenizer_path = default_tokenizer()
+    if args.one_jsonl:
+        one_jsonl(files, args.workers, args.unit_bytes, args.repeat, tokenizer_path)
+        return
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     load_before = os.getloadavg()[0]
     best: dict = {}
