@@ -320,6 +320,14 @@ def one_process_group():
         yield
         if dist.is_initialized():
             dist.destroy_process_group()
+    # DeepSpeed caches its world and expert groups per process: forget those of the destroyed group, or the
+    # next module's engines would use them ("Group ... is not registered").
+    from deepspeed.utils import groups
+
+    for name, value in vars(groups).items():
+        if name.isupper() and name.startswith("_") and isinstance(value, dict):
+            value.clear()
+    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._MODEL_PARALLEL_GROUP = None
     torch.set_num_threads(threads)
 
 
