@@ -2,8 +2,7 @@
 
 Shared by `python -m data_prep build` (BuildConfig), `minimoe-distill` (DistillConfig) and
 `minimoe-finetune` (FinetuneConfig), so that the stages spell flags, help texts and type checks the same
-way. It lives in data_prep because pipeline already imports data_prep (the tokenizer), never the other
-way round.
+way; and the one-line input errors (InputError) every command prints.
 """
 from __future__ import annotations
 
