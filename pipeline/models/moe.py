@@ -109,11 +109,8 @@ def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: tor
     # Sort tokens by expert; padding (used_token 0) gets the extra id E, sorts last and is left out.
     expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, counts.numel())
     order = torch.sort(expert_of, stable=True)[1][:int(counts.sum())]
-    experts = moe.experts.deepspeed_experts
-    if ep_group is None:
-        out = run_experts(experts, x.index_select(0, order), counts)
-    else:
-        out = exchange(experts, x.index_select(0, order), counts, ep_group)
+    experts, grouped = moe.experts.deepspeed_experts, x.index_select(0, order)
+    out = run_experts(experts, grouped, counts) if ep_group is None else exchange(experts, grouped, counts, ep_group)
     # Back to token order (padding: zeros), scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
     y = out.new_zeros(x.shape).index_copy(0, order, out) * gate_value
     moe.l_aux, moe.exp_counts = l_aux, counts
