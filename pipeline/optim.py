@@ -105,7 +105,7 @@ def init_distributed() -> None:
                   file=sys.stderr)
     with prints_to_stderr():  # and its communication ops as they load
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    if builder is not None:
+    if builder is not None and {"MASTER_ADDR", "MASTER_PORT", "RANK"} <= os.environ.keys():  # (set by the init)
         atexit.register(shared_memory_buffer().unlink, missing_ok=True)
 
 
