@@ -149,6 +149,7 @@ def test_tiny_moe_student_beats_majority_on_sst2_slice(tmp_path, tiny_moe_dir):
     assert results["metrics"]["sst2"]["acc"] > 100 * majority + 8
     assert [h["step"] for h in results["history"]] == [94, 188]  # ceil(3000 / 32) steps per epoch
     assert saved_model_sst2_accuracy(out / "model") == pytest.approx(results["metrics"]["sst2"]["acc"])
+    assert {oct(f.stat().st_mode & 0o777) for f in (out / "model").iterdir()} == {"0o644"}  # readable by others
     tags = _tensorboard_tags(out / "tensorboard")
     assert {"train/loss", "train/aux_loss", "train/lr", "dev/sst2/acc"} <= tags
 
