@@ -51,7 +51,7 @@ def layer_flops(tokens: int, batch: int, length: int, hidden: int, inner: int) -
     return 2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + 2 * 2 * batch * length * length * hidden
 
 
-def step_flops(batch: dict, teacher: Teacher, student, heads_hidden: tuple[int, int]) -> int:
+def step_flops(batch: dict, teacher: Teacher, student) -> int:
     B, T = batch["input_ids"].shape
     N = B * T  # padded tokens: what the step computes
     tc, sc = teacher.model.config, student.config
@@ -61,8 +61,7 @@ def step_flops(batch: dict, teacher: Teacher, student, heads_hidden: tuple[int, 
     student_fwd = sc.num_layers * layer_flops(N, B, T, sc.hidden_size, sc.intermediate_size)
     if sc.relation_projection:
         student_fwd += 2 * N * 3 * sc.hidden_size * sc.hidden_size
-    s_hidden, t_hidden = heads_hidden
-    relations = 3 * (2 * B * T * T * (s_hidden + t_hidden) + 2 * 2 * B * T * T * s_hidden)
+    relations = 3 * (2 * B * T * T * (sc.hidden_size + t_hidden) + 2 * 2 * B * T * T * sc.hidden_size)
     return teacher_fwd + 3 * student_fwd + relations
 
 
@@ -92,7 +91,7 @@ def timed_steps(cfg, teacher, shards, loss_fn, steps: int) -> tuple[dict[str, fl
             for part, begin, end in zip(PARTS, marks, marks[1:]):
                 seconds[part] += end - begin
             tokens += float(batch["attention_mask"].sum())
-            flops += step_flops(batch, teacher, student, (student.config.hidden_size, teacher.hidden_size))
+            flops += step_flops(batch, teacher, student)
     return seconds, tokens, flops
 
 
