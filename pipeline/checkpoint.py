@@ -7,7 +7,8 @@ Layout (CHECKPOINTS = OUTPUT/checkpoints):
                      checksums.json (size and sha256 of every other file, written once all ranks wrote)
     latest           the tag of the newest COMPLETE checkpoint, replaced atomically after every rank wrote
 
-A rank killed mid-save leaves `latest` on the previous checkpoint. A checkpoint damaged later (a truncated or
+A rank killed mid-save leaves `latest` on the previous checkpoint, and the resumed run writes that step's
+directory anew. A checkpoint damaged later (a truncated or
 overwritten file) fails its checksums on resume, which then falls back to the newest intact one, saying so.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from minimoe_common.files import file_sha256, write_json, write_text
+from pipeline.optim import lost_peer
 
 TRAINER_STATE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
@@ -69,6 +71,9 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer
     """Write checkpoint `step` on every rank (collective), then point `latest` at it and keep the newest `keep`."""
     root, tag, rank = Path(root), tag_for(step), dist.get_rank()
     step_dir = root / tag
+    if rank == 0 and step_dir.exists():  # an unfinished save of a killed run (`latest` is older): no stale files
+        shutil.rmtree(step_dir)
+    dist.barrier()
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # ends with a barrier
         torch.save(rng_state(), step_dir / f"rng-rank{rank:05d}.pt")
@@ -77,6 +82,8 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], tokenizer
                 tokenizer.save_pretrained(str(step_dir / "tokenizer"))
             write_text(step_dir / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError; `latest` is not moved
+        if isinstance(e, RuntimeError) and lost_peer(e):
+            raise  # another rank died in the save's collectives: the caller says so
         raise OSError(getattr(e, "errno", None), f"cannot write the checkpoint: {str(e).splitlines()[0]}",
                       str(step_dir)) from None
     dist.barrier()  # every rank's files are on disk: only now is the checkpoint complete

@@ -41,7 +41,7 @@ from pipeline.models.files import check_max_seq_length, loading
 from pipeline.models.teacher import Teacher
 from pipeline.objectives import attention_scores, minilm_relation_loss, tinybert_loss
 from pipeline.optim import (LinearSchedule, build_engine, check_finite, init_distributed, init_single_process,
-                            read_deepspeed_config)
+                            lost_peer, read_deepspeed_config)
 from pipeline.plots import plot_run
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -605,16 +605,6 @@ def distill_with_assistant(cfg: DistillConfig) -> None:
     student = dataclasses.replace(cfg, teacher=str(model), teacher_layer=-1, assistant=None,
                                   resume=cfg.resume and checkpoint.latest_tag(Path(cfg.output) / "checkpoints") is not None)
     distill(student)
-
-
-def lost_peer(e: RuntimeError) -> str | None:
-    """The backend's reason when a collective failed because another rank died (killed, out of memory, its node
-    lost), else None. Gloo raises a plain RuntimeError from its transport ("[.../gloo/transport/tcp/pair.cc:537]
-    Read error [127.0.0.1]:12717: Connection reset by peer. This is typically ..."), NCCL a DistBackendError."""
-    message = str(e)
-    if not isinstance(e, dist.DistError) and "gloo/transport" not in message:
-        return None
-    return message.split("] ", 1)[-1].split(". ")[0] if "gloo/transport" in message else message.splitlines()[0]
 
 
 def main(argv: list[str] | None = None) -> int:

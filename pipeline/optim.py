@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pipeline.logs import prints_to_stderr
 
@@ -37,7 +38,6 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     skips DeepSpeed's gradient all-reduce, which there only copies every gradient into buckets and back;
     ZeRO-1/2 and bf16/fp16 keep it, as their reduce step also moves gradients into the optimizer's buffers."""
     import deepspeed
-    import torch.distributed as dist
 
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=eps, fused=True)
     # A lambda, not the schedule object: LambdaLR checkpoints a callable object's attributes and would load
@@ -153,3 +153,13 @@ def read_deepspeed_config(path: str | Path, owned_keys: dict[str, str], command:
         raise ValueError(f"{path}: fp16 is not supported on the {accelerator.device_name()} accelerator; "
                          f"use bf16 (ds_configs/zero2-bf16.json) or fp32 (ds_configs/zero2.json)")
     return ds
+
+
+def lost_peer(e: RuntimeError) -> str | None:
+    """The backend's reason when a collective failed because another rank died (killed, out of memory, its node
+    lost), else None. Gloo raises a plain RuntimeError from its transport ("[.../gloo/transport/tcp/pair.cc:537]
+    Read error [127.0.0.1]:12717: Connection reset by peer. This is typically ..."), NCCL a DistBackendError."""
+    message = str(e)
+    if not isinstance(e, dist.DistError) and "gloo/transport" not in message:
+        return None
+    return message.split("] ", 1)[-1].split(". ")[0] if "gloo/transport" in message else message.splitlines()[0]

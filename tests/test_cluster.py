@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launcher import REPO, free_port, launch, launcher_env, start, wait_all
+from launcher import REPO, free_port, launch, launcher_env, run_group, start, wait_all
 
 from pipeline import checkpoint
 
@@ -206,7 +206,7 @@ def test_two_nodes_train_checkpoint_and_resume_on_one_node(shards, teacher_dir, 
 def test_a_lost_peer_is_told_from_other_runtime_errors():
     import torch.distributed as dist
 
-    from pipeline.distill import lost_peer
+    from pipeline.optim import lost_peer
 
     gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                         "[127.0.0.1]:12717: Connection reset by peer. This is typically caused by a remote worker hanging")
@@ -277,3 +277,49 @@ def test_sigkill_of_one_rank_mid_step(shards, teacher_dir, tmp_path, one_thread)
     assert sorted(again) == list(range(1, 8))
     for step in range(3, 8):
         assert abs(again[step] - curve[step]) <= 1e-6, (step, again[step], curve[step])
+
+
+# A rank SIGKILLed while it writes a checkpoint
+
+@pytest.mark.multiproc
+def test_sigkill_during_a_checkpoint_write(shards, teacher_dir, tmp_path, monkeypatch, one_thread):
+    """Rank 1 killed halfway through its first file of checkpoint step 4 (tests/kill_in_save.py): `latest`
+    stays on step 2, whose files are intact; --resume writes step 4 anew (no file of the killed save left)
+    and repeats the uninterrupted run's losses."""
+    common = ["--teacher", str(teacher_dir), "--shards", str(shards), *TINY, "--global-batch-size", "8",
+              "--ep-size", "2", "--max-steps", "5", "--save-every", "2"]
+    reference = tmp_path / "reference"
+    run = launch("distill", [*common, "--output", str(reference)])
+    assert run.returncode == 0, run.stdout[-3000:]
+
+    killed = tmp_path / "killed"
+    monkeypatch.setenv("KILL_RANK", "1")
+    monkeypatch.setenv("KILL_TAG", "step-00000004")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    run = run_group([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                     str(free_port()), "--log_level", "warning", str(REPO / "tests" / "kill_in_save.py"),
+                     *common, "--output", str(killed)])
+    assert run.returncode != 0, run.stdout[-3000:]
+    assert "Traceback" not in run.stdout, run.stdout[-3000:]
+    assert "error: another rank is gone" in run.stdout, run.stdout[-3000:]
+    root = killed / "checkpoints"
+    assert checkpoint.latest_tag(root) == "step-00000002"
+    assert checkpoint.damage(root / "step-00000002") is None
+    # The killed save left a directory without its trainer state, and a file cut short.
+    unfinished = root / "step-00000004"
+    assert not (unfinished / "trainer_state.json").exists()
+    written = {p.name: p.stat().st_size for p in unfinished.iterdir() if p.is_file()}
+    assert written, "the kill came before the checkpoint's first file"
+
+    monkeypatch.delenv("KILL_RANK")
+    run = launch("distill", [*common, "--output", str(killed), "--resume"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    curve, again = losses(reference), losses(killed)
+    assert sorted(again) == list(range(1, 6))
+    for step in range(3, 6):
+        assert abs(again[step] - curve[step]) <= 1e-6, (step, again[step], curve[step])
+    assert checkpoint.latest_tag(root) == "step-00000005"
+    assert checkpoint.damage(root / "step-00000004") is None
+    assert sorted(p.name for p in (root / "step-00000004").iterdir()) == \
+        sorted(p.name for p in (reference / "checkpoints" / "step-00000004").iterdir())
