@@ -57,10 +57,10 @@ def build_model(model_dir: str | Path, task: Task) -> tuple[torch.nn.Module, obj
     return model, tokenizer
 
 
-def check_finetuned_for(teacher_dir: str, task: Task) -> None:
-    """A KD teacher must hold a head finetuned for the task: loaded without one, it would get a random head
-    without a word (or fail on the shapes with another label count). Its run's results.json, when next to
-    it (RUN/model), must name the task."""
+def check_finetuned_for(teacher_dir: str, task: Task, flag: str = "--teacher") -> None:
+    """A KD teacher (or a model to prune) must hold a head finetuned for the task: loaded without one, it would
+    get a random head without a word (or fail on the shapes with another label count). Its run's results.json,
+    when next to it (RUN/model), must name the task. `flag` names the dir in the errors."""
     config = read_model_config(teacher_dir)
     legacy = config.get("task_head")
     if legacy:
@@ -69,14 +69,14 @@ def check_finetuned_for(teacher_dir: str, task: Task) -> None:
         heads, labels = config.get("architectures") or [], len(config.get("id2label") or {0: 0, 1: 1})
     suffix = HEAD_SUFFIX[task.kind]
     if not any(h.endswith(suffix) for h in heads):
-        raise InputError(f"--teacher {teacher_dir}: not finetuned for {task.name} (no *{suffix} head in its "
+        raise InputError(f"{flag} {teacher_dir}: not finetuned for {task.name} (no *{suffix} head in its "
                         f"config.json); finetune it first: minimoe-finetune --model {teacher_dir} --task {task.name} ...")
     if labels != task.num_labels:
-        raise InputError(f"--teacher {teacher_dir}: its head has {labels} labels, task {task.name} has {task.num_labels}")
+        raise InputError(f"{flag} {teacher_dir}: its head has {labels} labels, task {task.name} has {task.num_labels}")
     run_results = Path(teacher_dir).parent / "results.json"
     trained_on = json.loads(run_results.read_text()).get("task") if run_results.is_file() else None
     if trained_on not in (None, task.name):
-        raise InputError(f"--teacher {teacher_dir}: finetuned for {trained_on} ({run_results}), not {task.name}")
+        raise InputError(f"{flag} {teacher_dir}: finetuned for {trained_on} ({run_results}), not {task.name}")
 
 
 def load_teacher(teacher_dir: str | None, task: Task, tokenizer) -> torch.nn.Module | None:

@@ -93,6 +93,13 @@ class StudentConfig(PreTrainedConfig):
     """Low-rank FFN matrices (written by pipeline.compress): FFN Linear path (a key of
     `Student.ffn_linears()`, e.g. "layers.0.ffn.fc1") -> rank r; that Linear(in, out) becomes
     LowRankLinear: Linear(in, r, bias=False) then Linear(r, out). None = all full-rank."""
+    layer_heads: list[int] | None = None
+    """Attention heads of each layer (written by pipeline.prune, which removes heads): Q/K/V are
+    heads x head size wide, the head size staying hidden_size / num_heads; 0 leaves the layer's attention
+    to its output bias. None = num_heads in every layer."""
+    layer_intermediate_sizes: list[int] | None = None
+    """FFN inner width of each layer (written by pipeline.prune, which removes neurons); 0 leaves the FFN to
+    its output bias. None = intermediate_size in every layer."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - HF_CONFIG_KEYS)
@@ -112,6 +119,11 @@ class StudentConfig(PreTrainedConfig):
             (self.expert_init in ("moefy", "independent"),
              f"expert_init {self.expert_init!r} must be 'moefy' or 'independent'"),
             (self.attention_experts >= 1, f"attention_experts {self.attention_experts} must be >= 1"),
+            *[(sizes is None or (len(sizes) == self.num_layers and min(sizes) >= 0),
+               f"{name} {sizes} must hold one count >= 0 per layer ({self.num_layers})")
+              for name, sizes in (("layer_heads", self.layer_heads),
+                                  ("layer_intermediate_sizes", self.layer_intermediate_sizes))],
+            (not (self.is_moe and self.is_pruned), "layer_heads / layer_intermediate_sizes are for dense students"),
         ] if not ok]
         if problems:
             raise ValueError("StudentConfig: " + "; ".join(problems))
@@ -119,6 +131,17 @@ class StudentConfig(PreTrainedConfig):
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 1 or self.attention_experts > 1
+
+    @property
+    def is_pruned(self) -> bool:
+        """Whether some layer has its own head count or FFN width (a pruned model)."""
+        return self.layer_heads is not None or self.layer_intermediate_sizes is not None
+
+    def heads_of(self, layer: int) -> int:
+        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def intermediate_size_of(self, layer: int) -> int:
+        return self.intermediate_size if self.layer_intermediate_sizes is None else self.layer_intermediate_sizes[layer]
 
     def __eq__(self, other: object) -> bool:
         """The same student: equal StudentConfig fields (transformers' bookkeeping, e.g. the version, aside)."""

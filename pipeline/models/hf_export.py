@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import BertConfig, BertModel
@@ -20,6 +21,7 @@ from transformers import BertConfig, BertModel
 from minimoe_common.cli import InputError
 from pipeline.models.config import STUDENT_MODEL_TYPE, StudentConfig
 from pipeline.models.files import loading, read_model_config
+from pipeline.models.heads import StudentForSequenceClassification, StudentForTokenClassification
 from pipeline.models.student import Student
 
 # Our parameter names -> BertModel's, per prefix ("{n}" = the layer index); the one table, read both ways.
@@ -44,8 +46,8 @@ POOLER_SEED = 0
 
 
 def is_plain_bert(config: StudentConfig) -> bool:
-    """One expert, dense attention, full-rank FFNs: the student is a BERT encoder."""
-    return not config.is_moe and not config.ffn_ranks
+    """One expert, dense attention, full-rank FFNs, every layer of one shape: the student is a BERT encoder."""
+    return not config.is_moe and not config.ffn_ranks and not config.is_pruned
 
 
 def rename(key: str, reverse: bool = False) -> str:
@@ -77,25 +79,60 @@ def save_as_bert(student: Student, directory: str | os.PathLike) -> None:
     bert.save_pretrained(directory)
 
 
+def student_config_of_bert(config: BertConfig, directory: str | os.PathLike, **extra: Any) -> StudentConfig:
+    """The StudentConfig of a BERT dir's encoder (exact GELU; [CLS]/[SEP] ids from the dir's tokenizer), `extra`
+    fields (e.g. num_labels) added."""
+    from minimoe_common.tokenizer import load_tokenizer
+
+    if config.hidden_act != "gelu":
+        raise InputError(f"{Path(directory) / 'config.json'}: hidden_act {config.hidden_act!r}; a student uses "
+                         f"exact GELU ('gelu')")
+    tokenizer = load_tokenizer(str(directory))
+    return StudentConfig(**{ours: getattr(config, theirs) for ours, theirs in BERT_FIELDS.items()},
+                         cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, **extra)
+
+
 def load_student(directory: str | os.PathLike) -> Student:
     """An exported student dir as a Student: our format, or a dense student written as BERT (any BERT with exact
     GELU; a finetuned dir's encoder; the pooler is dropped, [CLS]/[SEP] ids come from the dir's tokenizer)."""
-    from minimoe_common.tokenizer import load_tokenizer
-
-    model_type = read_model_config(directory).get("model_type")
-    if model_type not in (STUDENT_MODEL_TYPE, "bert"):
-        raise InputError(f"{Path(directory) / 'config.json'}: model_type {model_type!r}; expected a student dir "
-                         f"({STUDENT_MODEL_TYPE!r}) or a dense student exported as 'bert'")
+    model_type = student_or_bert(directory, f"a student dir ({STUDENT_MODEL_TYPE!r}) or a dense student exported as 'bert'")
     with loading(directory):
         if model_type == STUDENT_MODEL_TYPE:
             return Student.from_pretrained(directory)
         bert = BertModel.from_pretrained(directory)
-    if bert.config.hidden_act != "gelu":
-        raise InputError(f"{Path(directory) / 'config.json'}: hidden_act {bert.config.hidden_act!r}; a student uses "
-                         f"exact GELU ('gelu')")
-    tokenizer = load_tokenizer(str(directory))
-    student = Student(StudentConfig(**{ours: getattr(bert.config, theirs) for ours, theirs in BERT_FIELDS.items()},
-                                    cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id))
+    student = Student(student_config_of_bert(bert.config, directory))
     student.load_state_dict({rename(key, reverse=True): value for key, value in bert.state_dict().items()
                              if not key.startswith("pooler.")})
     return student
+
+
+def load_student_head(directory: str | os.PathLike, token: bool) -> StudentForSequenceClassification | StudentForTokenClassification:
+    """A finetuned dir (BertFor{Sequence,Token}Classification, or a student's head) as the student's task head of
+    the same weights: BERT's encoder renamed (BERT_NAMES), its pooler and classifier kept."""
+    from transformers import BertForSequenceClassification, BertForTokenClassification
+
+    head = StudentForTokenClassification if token else StudentForSequenceClassification
+    model_type = student_or_bert(directory, "a finetuned BERT or student dir")
+    with loading(directory):
+        if model_type == STUDENT_MODEL_TYPE:
+            return head.from_pretrained(directory)
+        bert = (BertForTokenClassification if token else BertForSequenceClassification).from_pretrained(directory)
+    model = head(student_config_of_bert(bert.config, directory, num_labels=bert.config.num_labels))
+    model.load_state_dict({head_key(key): value for key, value in bert.state_dict().items()})
+    return model
+
+
+def head_key(key: str) -> str:
+    """A BertFor*Classification parameter name -> our head's: bert.pooler.dense. -> pooler., bert.X -> student.X
+    renamed, classifier. as it is."""
+    if key.startswith("bert.pooler.dense."):
+        return "pooler." + key.removeprefix("bert.pooler.dense.")
+    return "student." + rename(key.removeprefix("bert."), reverse=True) if key.startswith("bert.") else key
+
+
+def student_or_bert(directory: str | os.PathLike, expected: str) -> str:
+    """The dir's model_type, which must be ours or 'bert' (InputError naming `expected` otherwise)."""
+    model_type = read_model_config(directory).get("model_type")
+    if model_type not in (STUDENT_MODEL_TYPE, "bert"):
+        raise InputError(f"{Path(directory) / 'config.json'}: model_type {model_type!r}; expected {expected}")
+    return model_type

@@ -27,34 +27,40 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
            dropout: float) -> torch.Tensor:
     """Multi-head scaled dot-product attention: q, k, v (B, T, H), key_mask (B, 1, 1, T) -> (B, T, H)."""
     B, T, H = q.shape
-    heads = [t.view(B, T, num_heads, H // num_heads).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
+    head_size = H // max(num_heads, 1)  # a layer pruned to no heads has 0-wide q, k, v
+    heads = [t.view(B, T, num_heads, head_size).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs)
     y = F.scaled_dot_product_attention(*heads, attn_mask=key_mask, dropout_p=dropout)
     return y.transpose(1, 2).reshape(B, T, H)
 
 
 class QKV(nn.Module):
-    """Q, K, V projections Linear(H, H) each, with bias."""
+    """Q, K, V projections Linear(H, width) each, with bias; width H unless given (a pruned layer's)."""
 
-    def __init__(self, config: StudentConfig):
+    def __init__(self, config: StudentConfig, width: int | None = None):
         super().__init__()
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        width = config.hidden_size if width is None else width
+        self.query = nn.Linear(config.hidden_size, width)
+        self.key = nn.Linear(config.hidden_size, width)
+        self.value = nn.Linear(config.hidden_size, width)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.query(x), self.key(x), self.value(x)
 
 
 class SelfAttention(QKV):
-    def __init__(self, config: StudentConfig):
-        super().__init__(config)
-        self.num_heads = config.num_heads
+    """num_heads heads of size hidden_size / config.num_heads (config.num_heads unless given: a pruned layer's)."""
+
+    def __init__(self, config: StudentConfig, num_heads: int | None = None):
+        num_heads = config.num_heads if num_heads is None else num_heads
+        width = num_heads * (config.hidden_size // config.num_heads)
+        super().__init__(config, width)
+        self.num_heads = num_heads
         self.dropout = config.dropout
-        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(width, config.hidden_size)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
-        """x (B, T, H), key_mask (B, 1, 1, T) bool, True = attend -> (B, T, H), (q, k, v) each (B, T, H), None
-        (no routing)."""
+        """x (B, T, H), key_mask (B, 1, 1, T) bool, True = attend -> (B, T, H), (q, k, v) each (B, T, width),
+        None (no routing)."""
         q, k, v = self.project(x)
         y = attend(q, k, v, key_mask, self.num_heads, self.dropout if self.training else 0.0)
         return self.output(y), (q, k, v), None
@@ -73,12 +79,13 @@ class LowRankLinear(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The dense FFN, and one expert of an MoE FFN."""
+    """The dense FFN, and one expert of an MoE FFN; intermediate_size unless given (a pruned layer's)."""
 
-    def __init__(self, config: StudentConfig):
+    def __init__(self, config: StudentConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        width = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.fc1 = nn.Linear(config.hidden_size, width)
+        self.fc2 = nn.Linear(width, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

@@ -47,13 +47,16 @@ class StudentOutput(ModelOutput):
 
 
 class TransformerLayer(nn.Module):
-    """Post-LayerNorm BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+    """Post-LayerNorm BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). `index`: its place in the stack,
+    which picks its head count and FFN width (a pruned student's differ per layer)."""
 
-    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1):
+    def __init__(self, config: StudentConfig, deepspeed_moe: bool = False, ep_size: int = 1, index: int = 0):
         super().__init__()
-        self.attention = ExpertAttention(config) if config.attention_experts > 1 else SelfAttention(config)
+        self.attention = (ExpertAttention(config) if config.attention_experts > 1
+                          else SelfAttention(config, config.heads_of(index)))
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = moe_feed_forward(config, None, deepspeed_moe, ep_size) if config.num_experts > 1 else FeedForward(config)
+        self.ffn = (moe_feed_forward(config, None, deepspeed_moe, ep_size) if config.num_experts > 1
+                    else FeedForward(config, config.intermediate_size_of(index)))
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -139,7 +142,8 @@ class Student(StudentPreTrainedModel):
         check_expert_parallel(config, deepspeed_moe, ep_size)
         self.ep_size = ep_size
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(TransformerLayer(config, deepspeed_moe, ep_size) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, deepspeed_moe, ep_size, index)
+                                    for index in range(config.num_layers))
         for path, rank in (config.ffn_ranks or {}).items():
             linear = self.ffn_linears().get(path)
             if not isinstance(linear, nn.Linear):
