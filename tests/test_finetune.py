@@ -21,7 +21,7 @@ from pipeline.finetune.config import FinetuneConfig, deepspeed_config
 from pipeline.finetune.data import collate, encode
 from pipeline.finetune.run import kd_loss
 from pipeline.finetune.scoring import evaluate
-from pipeline.finetune.suite import glue_score, results_table
+from pipeline.finetune.suite import glue_score, model_scale, results_table
 from pipeline.models import Student, StudentConfig, StudentForSequenceClassification
 from pipeline.objectives import task_loss
 from pipeline.tasks import Example, TaggedSentence, get_task, read_split
@@ -99,13 +99,23 @@ def test_results_table_and_glue_score():
     assert glue_score(numbers)[0] == pytest.approx((90 + 88 + 86 + 70 + 80 + 81 + 85 + 60) / 8)  # 80.0; CoLA excluded
     partial = {"sst2": 90.0, "mrpc": 88.0, "stsb": 86.0, "rte": 60.0, "cola": 40.0}
     assert glue_score(partial) == (pytest.approx(81.0), ["sst2", "mrpc", "stsb", "rte"])
-    table = results_table({"teacher": numbers, "MiniMoE": partial}).splitlines()
-    assert table[0] == ("| Model | SST-2 Acc | MRPC F1 | STS-B SpCorr | QQP F1 | MNLI-m/mm Acc | QNLI Acc | RTE Acc "
-                        "| GLUE Score | CoNLL F1 | CoLA Mcc |")
-    assert table[2] == "| teacher | 90.0 | 88.0 | 86.0 | 70.0 | 80.0/81.0 | 85.0 | 60.0 | 80.0 | 91.2 | 40.0 |"
-    assert table[3] == "| MiniMoE | 90.0 | 88.0 | 86.0 | - | - | - | 60.0 | 81.0 | - | 40.0 |"
+    scales = {"teacher": {"params": 109_482_240, "gflops": 10.887}, "MiniMoE": {"params": None, "gflops": None}}
+    table = results_table({"teacher": numbers, "MiniMoE": partial}, scales).splitlines()
+    assert table[0] == ("| Model | Params | GFLOPs | SST-2 Acc | MRPC F1 | STS-B SpCorr | QQP F1 | MNLI-m/mm Acc "
+                        "| QNLI Acc | RTE Acc | GLUE Score | CoNLL F1 | CoLA Mcc |")
+    assert table[2] == ("| teacher | 109.5M | 10.89 | 90.0 | 88.0 | 86.0 | 70.0 | 80.0/81.0 | 85.0 | 60.0 | 80.0 "
+                        "| 91.2 | 40.0 |")
+    assert table[3] == "| MiniMoE | - | - | 90.0 | 88.0 | 86.0 | - | - | - | 60.0 | 81.0 | - | 40.0 |"
     assert "- teacher: GLUE score = mean of 8 of 8 (sst2, mrpc, stsb, qqp, mnli-m, mnli-mm, qnli, rte)" in table
     assert "- MiniMoE: GLUE score = mean of 4 of 8 (sst2, mrpc, stsb, rte); missing: qqp, mnli-m, mnli-mm, qnli" in table
+
+
+def test_model_scale_of_the_packaged_teacher(teacher_dir):
+    """all-MiniLM-L6-v2, BERT 6L;384H, FFN 1536, vocab 30522, 512 positions, with its pooler: embeddings
+    30522*384 + 512*384 + 2*384 + 2*384 = 11,918,592; a layer 4*(384*384 + 384) + 2*384*1536 + 1536 + 384 +
+    2*2*384 = 1,774,464; the pooler 384*384 + 384 = 147,840. GFLOPs: 6 layers x 128 tokens."""
+    assert model_scale(str(teacher_dir)) == {"params": 11_918_592 + 6 * 1_774_464 + 147_840,
+                                             "gflops": round(6 * 1_774_464 * 128 / 1e9, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +152,8 @@ def test_tiny_moe_student_beats_majority_on_sst2_slice(tmp_path, tiny_moe_dir):
     out = tmp_path / "tiny" / "sst2"
     results = json.loads((out / "results.json").read_text())
     acc = f"{results['metrics']['sst2']['acc']:.1f}"
-    assert f"| tiny | {acc} | - | - | - | - | - | - | {acc} | - | - |" in (tmp_path / "results.md").read_text()
+    assert re.search(rf"^\| tiny \| \d+\.\dM \| \d+\.\d\d \| {acc} \| - \| - \| - \| - \| - \| - \| {acc} \| - \| - \|$",
+                     (tmp_path / "results.md").read_text(), re.M)
     assert json.loads((tmp_path / "results.json").read_text())["tiny"]["glue_score"] == results["metrics"]["sst2"]["acc"]
     majority = 444 / 872  # SOURCES.md: SST-2 dev has 428 negatives, 444 positives
     assert results["majority_baseline"]["sst2"]["acc"] == pytest.approx(100 * majority)

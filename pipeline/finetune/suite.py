@@ -57,18 +57,36 @@ def table_columns() -> list[str]:
     return [*names[:after], "glue", *names[after:]]
 
 
-def results_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown table in the paper's column order (Table 2), one row per model; '-' = not run."""
+def model_scale(model_dir: str) -> dict[str, float | None]:
+    """{"params", "gflops"} of a row's model, from the compute report (the paper's convention: GFLOPs =
+    transformer-layer parameters one token passes through x 128; params = the encoder's, embeddings and any pooler
+    included); None when the report cannot read the model."""
+    from pipeline.report import compute_report
+
+    try:
+        report = compute_report(model_dir, throughput=False)
+    except (ValueError, OSError) as e:
+        print(f"warning: {model_dir}: no Params/GFLOPs in results.md ({e})", file=sys.stderr)
+        return {"params": None, "gflops": None}
+    return {"params": report.deployable_params, "gflops": round(report.gflops, 4)}
+
+
+def results_table(rows: dict[str, dict[str, float]], scales: dict[str, dict[str, float | None]] | None = None) -> str:
+    """Markdown table in the paper's column order (Table 2), one row per model, after its Params and GFLOPs
+    (`scales`: row name -> model_scale); '-' = not run or not known."""
     columns = table_columns()
-    lines = ["| Model | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = ["| Model | Params | GFLOPs | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
+             "|---|" + "---:|" * (len(columns) + 2)]
     notes = []
     for name, numbers in rows.items():
         glue, used = glue_score(numbers)
         cells = {**{c: f"{v:.1f}" for c, v in numbers.items()}, "glue": "-" if glue is None else f"{glue:.1f}"}
         cells["mnli"] = "/".join(cells.get(c, "-") for c in ("mnli-m", "mnli-mm"))
         cells["mnli"] = "-" if cells["mnli"] == "-/-" else cells["mnli"]
-        lines.append(f"| {name} | " + " | ".join(cells.get(c, "-") for c in columns) + " |")
+        scale = (scales or {}).get(name, {})
+        params = "-" if scale.get("params") is None else f"{scale['params'] / 1e6:.1f}M"
+        gflops = "-" if scale.get("gflops") is None else f"{scale['gflops']:.2f}"
+        lines.append(f"| {name} | {params} | {gflops} | " + " | ".join(cells.get(c, "-") for c in columns) + " |")
         missing = [c for c in PAPER_COLUMNS if c not in used]
         notes.append(f"- {name}: GLUE score = mean of {len(used)} of 8 ({', '.join(used) or 'none'})"
                      + (f"; missing: {', '.join(missing)}" if missing else ""))
@@ -131,7 +149,7 @@ def reuse_or_train(run: FinetuneConfig, run_dir: Path) -> dict:
 def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) -> str:
     """Finetune every model on every task whose data is present (existing results.json of the same recipe
     are reused, so an interrupted suite resumes), then write results.md and results.json under config.output."""
-    output, rows, summary = Path(config.output), {}, {}
+    output, rows, scales, summary = Path(config.output), {}, {}, {}
     planned, skipped = present_tasks(config.data_dir, tasks)
     if skipped and is_main_process():
         print(f"skipped {len(skipped)} task(s): {'; '.join(f'{t} ({why})' for t, why in skipped.items())}",
@@ -144,9 +162,9 @@ def suite(config: FinetuneConfig, models: list[str], tasks: list[str] | None) ->
             run_dir = output / name / task.name
             run = dataclasses.replace(config, model=model, task=task.name, data_dir=str(folder), output=str(run_dir))
             results[task.name] = reuse_or_train(run, run_dir)
-        rows[name] = paper_numbers(results)
-        summary[name] = {"numbers": rows[name], "glue_score": glue_score(rows[name])[0]}
-    table = results_table(rows) + (f"\nNot run (no files under --data-dir): {', '.join(skipped)}.\n" if skipped else "")
+        rows[name], scales[name] = paper_numbers(results), model_scale(model)
+        summary[name] = {"numbers": rows[name], "glue_score": glue_score(rows[name])[0], **scales[name]}
+    table = results_table(rows, scales) + (f"\nNot run (no files under --data-dir): {', '.join(skipped)}.\n" if skipped else "")
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.md").write_text(table)
