@@ -78,11 +78,13 @@ def test_qkv_layer_selects_the_layer():
     model = Student(tiny_config(num_layers=3)).eval()
     ids, mask, _ = batch()
     captured = {}
-    model.layers[1].attention.key.register_forward_hook(lambda m, i, o: captured.update(k=o, x=i[0]))
+    model.layers[1].attention.key.register_forward_hook(lambda m, i, o: captured.update(k=o))
     out = model(ids, mask, qkv_layer=1)
     torch.testing.assert_close(out.qkv[1], captured["k"])
-    torch.testing.assert_close(out.qkv_layer_input, captured["x"])
-    assert model(ids, mask, qkv_layer=None).qkv is None
+    assert model(ids, mask, qkv_layer=None).qkv is None and out.layer_qkv is None
+    every = model(ids, mask, output_qkv=True).layer_qkv  # TinyBERT: every layer's
+    assert len(every) == 3
+    torch.testing.assert_close(every[1][1], captured["k"])
 
 
 def test_dense_student_equals_moe_student_with_one_expert():
@@ -262,6 +264,21 @@ def test_low_rank_ffn_from_config_round_trips(tmp_path):
                                model(ids, mask, types).last_hidden_state, atol=0, rtol=0)
     with pytest.raises(ValueError, match="ffn_ranks: 'layers.0.attention.query' is not an FFN Linear"):
         Student(tiny_config(ffn_ranks={"layers.0.attention.query": 2}))
+
+
+def test_gathered_rows_take_their_gradients_back_to_their_rows():
+    """Rows 5, 0, 3 of 6 (1, 2 and 4 left out, as padding is): the gradient of row r is the upstream gradient
+    of the position r went to, and zero for rows not gathered."""
+    from pipeline.models.moe import _GatherRows
+
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([5, 0, 3])
+    upstream = torch.randn(3, 4, dtype=torch.float64)
+    _GatherRows.apply(x, rows).backward(upstream)
+    expected = torch.zeros(6, 4, dtype=torch.float64)
+    expected[5], expected[0], expected[3] = upstream[0], upstream[1], upstream[2]
+    assert torch.equal(x.grad, expected)
+    assert torch.equal(_GatherRows.apply(x, rows), x.detach()[[5, 0, 3]])
 
 
 @pytest.mark.parametrize("noise", ["LogitJitter", "RSample", "Jitter", None])

@@ -98,6 +98,23 @@ def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None
     return choice, probs.gather(1, choice[:, None]), l_aux, counts
 
 
+class _GatherRows(torch.autograd.Function):
+    """x.index_select(0, rows) for distinct rows, whose backward puts each gradient row back with index_copy:
+    autograd's own backward, an index_add that allows repeated rows, is ~20x slower on CPU (4096 x 384:
+    38 ms vs 2 ms, BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.shape = x.shape
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).index_copy_(0, rows, grad), None
+
+
 def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: torch.Tensor | None,
                     ep_group: "dist.ProcessGroup | None" = None):
     """Top-1 MoE FFN, nothing dropped, no capacity padding: `moe.gate` routes (route_top1) and tokens are grouped by
@@ -109,7 +126,7 @@ def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: tor
     # Sort tokens by expert; padding (used_token 0) gets the extra id E, sorts last and is left out.
     expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, counts.numel())
     order = torch.sort(expert_of, stable=True)[1][:int(counts.sum())]
-    experts, grouped = moe.experts.deepspeed_experts, x.index_select(0, order)
+    experts, grouped = moe.experts.deepspeed_experts, _GatherRows.apply(x, order)
     out = run_experts(experts, grouped, counts) if ep_group is None else exchange(experts, grouped, counts, ep_group)
     # Back to token order (padding: zeros), scaled by the chosen expert's gate value (in fp32, as DeepSpeed).
     y = out.new_zeros(x.shape).index_copy(0, order, out) * gate_value
@@ -141,7 +158,7 @@ def exchange(experts: nn.ModuleList, grouped: torch.Tensor, counts: torch.Tensor
     # Regroup what arrived (by source rank, then expert) by local expert, run the experts, undo the regrouping.
     local_expert = torch.arange(arriving.size(1), device=counts.device).repeat(ranks)
     regroup = torch.sort(local_expert.repeat_interleave(arriving.flatten()), stable=True)[1]
-    out = run_experts(experts, arrived.index_select(0, regroup), arriving.sum(0))
+    out = run_experts(experts, _GatherRows.apply(arrived, regroup), arriving.sum(0))
     out = torch.empty_like(out).index_copy(0, regroup, out)
     return all_to_all(out, send, receive, group)
 
