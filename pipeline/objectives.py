@@ -3,8 +3,8 @@
 - minilm_relation_loss: MiniLMv2 self-attention relation distillation (Wang et al. 2021, Eq. 2-4), the
   task-agnostic objective of the paper's MiniLM and MiniMoE students; memory-flat (chunks of (example, head)
   pairs, no (B, R, T, T) tensor kept for the backward).
-- tinybert_loss: TinyBERT layer-wise loss (Jiao et al. 2020, Eq. 7-8): attention-score MSE + hidden MSE
-  through a learned projection.
+- tinybert_loss: TinyBERT's general-distillation loss (Jiao et al. 2020, Eq. 7-11): attention-score MSE and
+  hidden-state MSE through one learned projection on every mapped layer (tinybert_layer_map), plus the embeddings'.
 - logit_kd_loss: temperature-scaled logit KD (Hinton et al. 2015) with an optional hard-label term,
   for task-specific distillation (the paper's "w/ KD" rows).
 - task_loss: the finetuning loss on labels (cross-entropy, or MSE for regression), the hard-label term
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,23 +176,59 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.
     return qh @ kh.transpose(-1, -2) / math.sqrt(qh.size(-1))
 
 
-def tinybert_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, student_hidden: torch.Tensor,
-                  teacher_hidden: torch.Tensor, projection: nn.Linear, attention_mask: torch.Tensor,
-                  aux_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """TinyBERT layer loss: MSE(A_s, A_t) + MSE(h_s W_h, h_t) (Eq. 7-8), over real tokens only.
+TINYBERT_MAPPINGS = ("uniform", "top", "bottom")
 
-    scores (B, nh, T, T) from `attention_scores` (same head count on both sides); hidden (B, T, Hs) and
-    (B, T, Ht); projection: the learned W_h, nn.Linear(Hs, Ht), trained with the student."""
-    if student_scores.shape != teacher_scores.shape:
-        raise ValueError(f"attention scores differ in shape: student {tuple(student_scores.shape)}, "
-                         f"teacher {tuple(teacher_scores.shape)} (TinyBERT needs equal head counts)")
+
+def tinybert_layer_map(student_layers: int, teacher_layers: int, mapping: str = "uniform") -> list[int]:
+    """TinyBERT's layer mapping n = g(m) for m = 0 .. M (Jiao et al. 2020, Sec. 3.1 and its Table 7), in
+    hidden_states numbering (0: the embeddings' output, m: layer m's output); g(0) = 0 always (the embedding loss).
+    uniform: g(m) = m N / M, rounded down where N / M is not whole (TinyBERT's code asserts that it is; 6 -> 4:
+    0, 1, 3, 4, 6), so g(M) = N; top: g(m) = N - M + m; bottom: g(m) = m."""
+    M, N = student_layers, teacher_layers
+    if not 1 <= M <= N:
+        raise ValueError(f"TinyBERT maps each of the student's {M} layers to its own teacher layer: it needs "
+                         f"1 <= student layers <= the teacher's {N}")
+    if mapping not in TINYBERT_MAPPINGS:
+        raise ValueError(f"TinyBERT layer mapping must be one of {', '.join(TINYBERT_MAPPINGS)} (got {mapping!r})")
+    layer = {"uniform": lambda m: m * N // M, "top": lambda m: N - M + m, "bottom": lambda m: m}[mapping]
+    return [0] + [layer(m) for m in range(1, M + 1)]
+
+
+def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over the entries where `mask` (bool, broadcast to the inputs' shape along its size-1
+    dims) is True, fp32. Weighted, not gathered: a boolean gather of (B, nh, T, T) scores is slower on CPUs."""
+    squared = (student.float() - teacher.float()).square()
+    return (squared * mask).sum() / (mask.sum() * (squared.numel() // mask.numel()))
+
+
+def tinybert_loss(student_scores: Sequence[torch.Tensor], teacher_scores: Sequence[torch.Tensor],
+                  student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                  projection: nn.Linear, attention_mask: torch.Tensor,
+                  aux_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TinyBERT's general-distillation loss over M mapped layer pairs (Jiao et al. 2020, Eq. 7-11, all lambda 1):
+    embedding = MSE(E_s W_h, E_t) (Eq. 9), attention = sum_m MSE(A_s^m, A_t^g(m)) (Eq. 7), hidden = sum_m
+    MSE(H_s^m W_h, H_t^g(m)) (Eq. 8); loss = their sum, as TinyBERT's general_distill.py adds them.
+
+    scores: M tensors (B, nh, T, T) each side, pre-softmax, the same head count on both; hidden: M + 1 tensors,
+    (B, T, Hs) / (B, T, Ht), the embeddings' outputs first; projection: W_h, nn.Linear(Hs, Ht), one for every layer
+    as TinyBERT's `fit_dense`, trained with the student. Each MSE is a mean over real entries only: (query, key)
+    pairs of two real tokens, real tokens x Ht (TinyBERT zeroes masked scores, keeps padded rows and counts all)."""
+    if len(student_hidden) != len(student_scores) + 1 or len(teacher_hidden) != len(teacher_scores) + 1:
+        raise ValueError("TinyBERT's loss takes M attention scores and M + 1 hidden states (the embeddings' first)")
     mask = attention_mask.bool()
-    pair = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(student_scores)  # (B, nh, T, T)
-    attention = F.mse_loss(student_scores.float()[pair], teacher_scores.float()[pair])
+    pair = mask[:, None, :, None] & mask[:, None, None, :]  # (B, 1, T, T)
+    for s, t in zip(student_scores, teacher_scores, strict=True):
+        if s.shape != t.shape:
+            raise ValueError(f"attention scores differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)} "
+                             "(TinyBERT needs equal head counts)")
+    attention = torch.stack([_masked_mse(s, t, pair) for s, t in zip(student_scores, teacher_scores)]).sum()
     bias = None if projection.bias is None else projection.bias.float()  # fp32 even when the engine runs bf16
-    projected = F.linear(student_hidden.float(), projection.weight.float(), bias)  # (B, T, Ht)
-    hidden = F.mse_loss(projected[mask], teacher_hidden.float()[mask])
-    return _with_aux(attention + hidden, {"attention": attention.detach(), "hidden": hidden.detach()}, aux_loss)
+    weight = projection.weight.float()
+    hidden = [_masked_mse(F.linear(s.float(), weight, bias), t, mask[..., None])  # (B, T, Ht) each
+              for s, t in zip(student_hidden, teacher_hidden, strict=True)]
+    embedding, layers = hidden[0], torch.stack(hidden[1:]).sum()
+    parts = {"embedding": embedding.detach(), "attention": attention.detach(), "hidden": layers.detach()}
+    return _with_aux(embedding + attention + layers, parts, aux_loss)
 
 
 def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

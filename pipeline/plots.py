@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-LOSS_KEYS = ("loss", "qq", "kk", "vv", "attention", "hidden", "aux")
+LOSS_KEYS = ("loss", "qq", "kk", "vv", "embedding", "attention", "hidden", "aux")
 
 
 def plot_run(run_dir: str | Path) -> Path | None:

@@ -313,14 +313,16 @@ def test_unknown_objective_and_tinybert_head_mismatch_are_refused(tmp_path):
     file.write_text(json.dumps({"objective": "TinyBERT"}))
     with pytest.raises(ValueError, match=r"--objective must be one of minilm, tinybert \(got 'TinyBERT'\)"):
         parse_config(["--config", str(file), *REQUIRED])
-    teacher = SimpleNamespace(num_heads=12, hidden_size=384)
-    student = SimpleNamespace(num_heads=4, hidden_size=64, relation_projection=False)
+    teacher = SimpleNamespace(num_heads=12, hidden_size=384, num_layers=6, adapter=SimpleNamespace(no_scores=None))
+    student = SimpleNamespace(num_heads=4, hidden_size=64, num_layers=4, relation_projection=False)
     cfg = DistillConfig(teacher="t", shards="s", objective="tinybert")
     with pytest.raises(ValueError, match="the student's 4 heads must equal the teacher's 12 \\(set --heads\\)"):
-        distill.check_heads(cfg, student, teacher)
-    distill.check_heads(dataclasses.replace(cfg, objective="minilm", relation_heads=4), student, teacher)  # R divides both
+        distill.check_objective(cfg, student, teacher)
+    minilm = dataclasses.replace(cfg, objective="minilm", relation_heads=4, tinybert_mapping=None)
+    distill.check_objective(minilm, student, teacher)  # R divides both
     with pytest.raises(ValueError, match="--relation-projection does not apply"):
-        distill.check_heads(cfg, SimpleNamespace(num_heads=12, hidden_size=64, relation_projection=True), teacher)
+        distill.check_objective(cfg, SimpleNamespace(num_heads=12, hidden_size=64, num_layers=4,
+                                                     relation_projection=True), teacher)
 
 
 def single_rank_env(monkeypatch) -> None:
@@ -389,17 +391,17 @@ def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_wi
     for key in ("tinybert_projection.weight", "layers.0.attention.query.weight", "embeddings.word_embeddings.weight"):
         assert not torch.equal(steps[0][key], steps[1][key]) and not torch.equal(steps[1][key], steps[2][key]), key
 
-    # The logged parts are TinyBERT's, and they add up to the total (Eq. 7 + Eq. 8 + the MoE aux loss).
+    # The logged parts are TinyBERT's, and they add up to the total (Eq. 9 + Eq. 7 + Eq. 8 + the MoE aux loss).
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
-        assert r["attention"] > 0 and r["hidden"] > 0 and r["aux"] > 0 and "qq" not in r
-        assert r["loss"] == pytest.approx(r["attention"] + r["hidden"] + r["aux"], rel=1e-5)
+        assert r["embedding"] > 0 and r["attention"] > 0 and r["hidden"] > 0 and r["aux"] > 0 and "qq" not in r
+        assert r["loss"] == pytest.approx(r["embedding"] + r["attention"] + r["hidden"] + r["aux"], rel=1e-5)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(full / "tensorboard"))
     events.Reload()
-    assert {"train/loss", "train/attention", "train/hidden", "train/aux"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/embedding", "train/attention", "train/hidden", "train/aux"} <= set(events.Tags()["scalars"])
     # The run's picture, named in the closing lines: the loss panel and one of expert shares per MoE layer (1 here).
     from PIL import Image
 
@@ -420,7 +422,7 @@ def test_tinybert_objective_trains_the_projection_resumes_exactly_and_exports_wi
     assert run_in_process(monkeypatch, [*common, "--output", str(resumed), "--resume", "--objective", "minilm",
                                          "--relation-heads", "12"]) == 2
     assert ("step-00000002: --resume cannot change the distillation: --objective 'tinybert' -> 'minilm'; "
-            "--relation-heads 32 -> 12 (only") in capsys.readouterr().err
+            "--tinybert-mapping 'uniform' -> None; --relation-heads 32 -> 12 (only") in capsys.readouterr().err
 
     # Export: a plain student dir, without the training-only projection, whose weights are the run's.
     export(full, tmp_path / "model")
@@ -448,7 +450,7 @@ def test_a_1024_wide_teacher_distils_with_32_or_64_relation_heads(tmp_path, rela
     teacher = Teacher.from_pretrained(tmp_path)
     student = Student(StudentConfig(num_layers=1, hidden_size=384, num_heads=12, vocab_size=100, num_experts=4))
     cfg = DistillConfig(teacher="t", shards="s", relation_heads=relation_heads)
-    distill.check_heads(cfg, student.config, teacher)
+    distill.check_objective(cfg, student.config, teacher)
     ids = torch.randint(1, 100, (2, 10))
     mask = torch.ones_like(ids)
     qkv = teacher(ids, mask)
@@ -456,7 +458,7 @@ def test_a_1024_wide_teacher_distils_with_32_or_64_relation_heads(tmp_path, rela
     loss, _ = minilm_relation_loss(student(ids, mask).relation_qkv, qkv, mask, relation_heads)
     assert torch.isfinite(loss) and loss > 0
     with pytest.raises(ValueError, match="--relation-heads 48 does not divide the teacher hidden size 1024"):
-        distill.check_heads(dataclasses.replace(cfg, relation_heads=48), student.config, teacher)
+        distill.check_objective(dataclasses.replace(cfg, relation_heads=48), student.config, teacher)
 
 
 def test_teacher_assistant_chain_runs_both_stages_and_resumes_the_interrupted_one(tmp_path, teacher_dir, monkeypatch,

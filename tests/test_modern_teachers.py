@@ -133,15 +133,14 @@ def test_deberta_v2_qkv_are_the_content_projections(tmp_path, version):
     DebertaV2Model(config).eval().save_pretrained(tmp_path)
     inputs = {"input_ids": torch.randint(5, 100, (2, 9)), "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
     teacher = Teacher.from_pretrained(tmp_path, layer=1)
-    q, k, v, layer_input = teacher(**inputs, token_type_ids=torch.zeros(2, 9, dtype=torch.long),
-                                   return_layer_input=True)
+    q, k, v = teacher(**inputs, token_type_ids=torch.zeros(2, 9, dtype=torch.long))
     hf = DebertaV2Model.from_pretrained(tmp_path).eval()
     attention = hf.encoder.layer[1].attention.self
     with torch.no_grad():
         out = hf(**inputs, output_attentions=True, output_hidden_states=True)
         hidden = out.hidden_states[1]
         reference = [attention.query_proj(hidden), attention.key_proj(hidden), attention.value_proj(hidden)]
-        for actual, expected in zip((q, k, v, layer_input), reference + [hidden]):
+        for actual, expected in zip((q, k, v), reference):
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         relation_loss_is_zero((q, k, v), reference, inputs["attention_mask"], 4)
 
@@ -176,7 +175,7 @@ MODERNBERT_INPUTS = {"input_ids": torch.randint(5, 100, (2, 10), generator=torch
 
 
 def modernbert_reference(path: Path, layer: int):
-    """(the eager model's output, its layer input, Q/K/V pre-RoPE as the split of Wqkv, Q/K post-RoPE by HF's
+    """(the eager model's output, Q/K/V pre-RoPE as the split of Wqkv, Q/K post-RoPE by HF's
     apply_rotary_pos_emb) of `layer`."""
     from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
 
@@ -189,15 +188,15 @@ def modernbert_reference(path: Path, layer: int):
         cos, sin = hf.rotary_emb(hidden, torch.arange(10)[None], block.attention_type)
         post = apply_rotary_pos_emb(*(split_heads(x, 4) for x in pre[:2]), cos, sin)  # (B, nh, T, hd) each
     post = [x.transpose(1, 2).flatten(2) for x in post]
-    return out, hidden, pre, post
+    return out, pre, post
 
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_modernbert_qkv_split_wqkv_and_rotate_as_the_model(modernbert_dir, layer):
-    out, hidden, pre, post = modernbert_reference(modernbert_dir, layer)
+    out, pre, post = modernbert_reference(modernbert_dir, layer)
     mask = MODERNBERT_INPUTS["attention_mask"]
     pre_teacher = Teacher.from_pretrained(modernbert_dir, layer=layer, rope="pre")
-    for actual, expected in zip(pre_teacher(**MODERNBERT_INPUTS, return_layer_input=True), [*pre, hidden]):
+    for actual, expected in zip(pre_teacher(**MODERNBERT_INPUTS), pre):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     teacher = Teacher.from_pretrained(modernbert_dir, layer=layer)  # post-RoPE by default
     assert (teacher.rope, teacher.num_heads, teacher.hidden_size) == ("post", 4, 64)

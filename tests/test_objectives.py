@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.objectives as objectives
-from pipeline.objectives import attention_scores, logit_kd_loss, minilm_relation_loss, tinybert_loss
+from pipeline.objectives import logit_kd_loss, minilm_relation_loss, tinybert_loss
 
 
 def padded_inputs(seed, lengths, hidden, dtype=torch.float32, scale=1.0):
@@ -149,39 +149,64 @@ def test_relation_heads_must_divide_hidden():
         minilm_relation_loss(qkv, qkv, mask)
 
 
-def test_tinybert_loss_matches_loop_reference():
+def unpadded_mse(student, teacher, lengths, pairs: bool):
+    """F.mse_loss of example b's first n tokens cut out by hand (with pairs, its n x n real (query, key) scores of
+    every head), the examples joined."""
+    cut = [(x[b, :, :n, :n] if pairs else x[b, :n]).flatten() for x in (student, teacher) for b, n in enumerate(lengths)]
+    return F.mse_loss(torch.cat(cut[:len(lengths)]), torch.cat(cut[len(lengths):]))
+
+
+def tinybert_reference(s_scores, t_scores, s_hidden, t_hidden, projection, lengths):
+    """TinyBERT's loss as a plain per-layer loop: (embedding, attention summed over layers, hidden summed)."""
+    attention = sum(unpadded_mse(s, t, lengths, pairs=True) for s, t in zip(s_scores, t_scores))
+    hidden = [unpadded_mse(projection(s), t, lengths, pairs=False) for s, t in zip(s_hidden, t_hidden)]
+    return hidden[0], attention, sum(hidden[1:])
+
+
+def test_tinybert_loss_matches_a_per_layer_loop_values_and_gradients():
     torch.manual_seed(0)
-    lengths, heads = (5, 3), 2
-    (sq, sk, _), mask = padded_inputs(0, lengths, hidden=8)
-    (tq, tk, _), _ = padded_inputs(1, lengths, hidden=12)
-    s_hidden, t_hidden = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    lengths, heads, layers = (6, 3, 5), 2, 3
+    B, T = len(lengths), max(lengths)
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    s_scores = [torch.randn(B, heads, T, T, requires_grad=True) for _ in range(layers)]
+    t_scores = [torch.randn(B, heads, T, T) * 3 for _ in range(layers)]
+    s_hidden = [torch.randn(B, T, 8, requires_grad=True) for _ in range(layers + 1)]  # the embeddings' first
+    t_hidden = [torch.randn(B, T, 12) for _ in range(layers + 1)]
     projection = torch.nn.Linear(8, 12)
-    loss, parts = tinybert_loss(attention_scores(sq, sk, heads), attention_scores(tq, tk, heads), s_hidden, t_hidden,
-                                projection, mask)
-    attn_err, attn_n, hid_err, hid_n = 0.0, 0, 0.0, 0
-    for b, n in enumerate(lengths):
-        for h in range(heads):
-            a_s = sq[b, :n, 4 * h:4 * h + 4] @ sk[b, :n, 4 * h:4 * h + 4].T / 2.0
-            a_t = tq[b, :n, 6 * h:6 * h + 6] @ tk[b, :n, 6 * h:6 * h + 6].T / math.sqrt(6)
-            attn_err += float(((a_s - a_t) ** 2).sum())
-            attn_n += n * n
-        for i in range(n):
-            with torch.no_grad():
-                hid_err += float(((projection.weight @ s_hidden[b, i] + projection.bias - t_hidden[b, i]) ** 2).sum())
-            hid_n += 12
-    assert parts["attention"].item() == pytest.approx(attn_err / attn_n, rel=1e-5)
-    assert parts["hidden"].item() == pytest.approx(hid_err / hid_n, rel=1e-5)
-    assert loss.item() == pytest.approx(attn_err / attn_n + hid_err / hid_n, rel=1e-5)
+    loss, parts = tinybert_loss(s_scores, t_scores, s_hidden, t_hidden, projection, mask, aux_loss=torch.tensor(0.5))
+    embedding, attention, hidden = tinybert_reference(s_scores, t_scores, s_hidden, t_hidden, projection, lengths)
+    for name, expected in (("embedding", embedding), ("attention", attention), ("hidden", hidden)):
+        assert parts[name].item() == pytest.approx(expected.item(), rel=1e-6), name
+    assert loss.item() == pytest.approx((embedding + attention + hidden).item() + 0.5, rel=1e-6)
+    leaves = [*s_scores, *s_hidden, projection.weight, projection.bias]
+    ours = torch.autograd.grad(loss, leaves)
+    for got, expected in zip(ours, torch.autograd.grad(embedding + attention + hidden, leaves)):
+        torch.testing.assert_close(got, expected)
+    assert all(torch.all(g[1, :, 3:] == 0) and torch.all(g[1, :, :, 3:] == 0) for g in ours[:layers])  # padding
+    # Padded entries count for nothing: changing them changes no part.
+    t_scores[0][1, :, 3:] += 100.0
+    t_hidden[1][1, 3:] -= 100.0
+    again = tinybert_loss(s_scores, t_scores, s_hidden, t_hidden, projection, mask)[1]
+    assert all(again[k].item() == parts[k].item() for k in ("embedding", "attention", "hidden"))
+
+
+def test_tinybert_loss_refuses_mismatched_inputs():
+    scores, hidden, mask = [torch.zeros(1, 2, 3, 3)], [torch.zeros(1, 3, 4)] * 2, torch.ones(1, 3)
+    projection = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"student \(1, 2, 3, 3\), teacher \(1, 4, 3, 3\) \(TinyBERT needs equal head"):
+        tinybert_loss(scores, [torch.zeros(1, 4, 3, 3)], hidden, hidden, projection, mask)
+    with pytest.raises(ValueError, match="M attention scores and M \\+ 1 hidden states"):
+        tinybert_loss(scores, scores, hidden[:1], hidden[:1], projection, mask)
 
 
 def test_tinybert_projection_in_bf16_is_applied_in_fp32():
     # A bf16 engine casts W_h to bf16 and feeds bf16 hidden states: the loss equals the fp32 loss of the same values.
     torch.manual_seed(0)
-    scores, mask = torch.randn(1, 2, 4, 4), torch.ones(1, 4, dtype=torch.long)
-    s_hidden, t_hidden = torch.randn(1, 4, 8).bfloat16(), torch.randn(1, 4, 12).bfloat16()
+    scores, mask = [torch.randn(1, 2, 4, 4)], torch.ones(1, 4, dtype=torch.long)
+    s_hidden, t_hidden = torch.randn(2, 1, 4, 8).bfloat16(), torch.randn(2, 1, 4, 12).bfloat16()
     projection = torch.nn.Linear(8, 12).bfloat16()
-    _, parts = tinybert_loss(scores, scores, s_hidden, t_hidden, projection, mask)
-    expected = ((s_hidden.float() @ projection.weight.float().T + projection.bias.float() - t_hidden.float()) ** 2).mean()
+    _, parts = tinybert_loss(scores, scores, list(s_hidden), list(t_hidden), projection, mask)
+    expected = ((s_hidden[1].float() @ projection.weight.float().T + projection.bias.float() - t_hidden[1].float()) ** 2).mean()
     assert parts["hidden"].dtype == torch.float32 and parts["hidden"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

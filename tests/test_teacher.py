@@ -82,8 +82,8 @@ def test_tiny_mpnet_and_roberta_teachers(tmp_path, arch):
     teacher = Teacher.from_pretrained(tmp_path, layer=1)
     assert (teacher.num_layers, teacher.num_heads, teacher.hidden_size, teacher.tokenizer) == (3, 4, 32, None)
     # token_type_ids are dropped for architectures without segments
-    got = teacher(**inputs, token_type_ids=torch.zeros(2, 7, dtype=torch.long), return_layer_input=True)
-    assert len(got) == 4
+    got = teacher(**inputs, token_type_ids=torch.zeros(2, 7, dtype=torch.long))
+    assert len(got) == 3
     for actual, expected in zip(got, hidden_input_qkv(hf_model, inputs, 1, names)):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 

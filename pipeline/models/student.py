@@ -36,8 +36,8 @@ class StudentOutput(ModelOutput):
     """Scalar: aux_loss_weight x the mean of the MoE layers' load-balancing losses (0 for a dense student)."""
     expert_counts: list[torch.Tensor] | None = None
     """Per MoE FFN layer, (E,) tokens routed to each expert on this process (real tokens, before any drop)."""
-    qkv_layer_input: torch.Tensor | None = None
-    """(B, T, H) hidden state entering layer `qkv_layer` (TinyBERT's hidden-state loss)."""
+    layer_qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None
+    """With output_qkv, every layer's Q, K, V (B, T, H) each (TinyBERT's attention scores of every layer)."""
     relation_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """The Q, K, V that MiniLMv2's relations are distilled from: the relation projection's of the last hidden
     state when the config has one (the authors' MiniMoE), else `qkv` (the authors' MiniLM)."""
@@ -169,10 +169,12 @@ class Student(StudentPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, qkv_layer: int | None = -1,
-                output_hidden_states: bool = False, return_dict: bool | None = None) -> StudentOutput | tuple:
+                output_hidden_states: bool = False, output_qkv: bool = False,
+                return_dict: bool | None = None) -> StudentOutput | tuple:
         """input_ids (B, T); attention_mask (B, T), 1 = real token; qkv_layer: layer index (negative counts
         from the end) whose Q/K/V to return, None for none (and no relation Q/K/V either); output_hidden_states:
-        also every layer's output (PKD); return_dict=False gives transformers' tuple form."""
+        also every layer's output (PKD, TinyBERT); output_qkv: every layer's Q/K/V (TinyBERT); return_dict=False
+        gives transformers' tuple form."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -181,14 +183,15 @@ class Student(StudentPreTrainedModel):
         key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         used_tokens = attention_mask.reshape(-1).long()  # (B*T,); int: the gate counts with it
         x = self.embeddings(input_ids, token_type_ids)
-        qkv, layer_input, attention_aux, ffn_aux, counts = None, None, [], [], []
+        qkv, attention_aux, ffn_aux, counts = None, [], [], []
         hidden = [x] if output_hidden_states else None  # kept only when asked: L more activations held
+        all_qkv = [] if output_qkv else None
         for index, layer in enumerate(self.layers):
-            if index == wanted:
-                layer_input = x
             x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens)
             if hidden is not None:
                 hidden.append(x)
+            if all_qkv is not None:
+                all_qkv.append(layer_qkv)
             if attention_routing is not None:
                 attention_aux.append(attention_routing[0])
             if ffn_routing is not None:
@@ -203,8 +206,8 @@ class Student(StudentPreTrainedModel):
         means = [torch.stack(aux).float().mean() for aux in (attention_aux, ffn_aux) if aux]
         aux_loss = torch.stack(means).mean() if means else x.new_zeros((), dtype=torch.float32)
         out = StudentOutput(last_hidden_state=x, qkv=qkv, aux_loss=self.config.aux_loss_weight * aux_loss,
-                            expert_counts=counts, qkv_layer_input=layer_input, relation_qkv=relation_qkv,
-                            hidden_states=None if hidden is None else tuple(hidden))
+                            expert_counts=counts, layer_qkv=None if all_qkv is None else tuple(all_qkv),
+                            relation_qkv=relation_qkv, hidden_states=None if hidden is None else tuple(hidden))
         return out if return_dict is not False else out.to_tuple()
 
     def ffn_linears(self) -> dict[str, nn.Module]:
