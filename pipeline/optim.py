@@ -2,7 +2,6 @@
 parameter groups and the LR schedule."""
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import math
@@ -106,13 +105,16 @@ def init_distributed() -> None:
     with prints_to_stderr():  # and its communication ops as they load
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     if builder is not None and {"MASTER_ADDR", "MASTER_PORT", "RANK"} <= os.environ.keys():  # (set by the init)
-        atexit.register(shared_memory_buffer().unlink, missing_ok=True)
+        # DeepSpeed's init has each rank map every other rank's buffer: once all are through it, the files can go.
+        # The mappings stay until the process ends, however it ends: a SIGKILLed rank leaves nothing in /dev/shm.
+        dist.barrier()
+        shared_memory_buffer().unlink(missing_ok=True)
 
 
 def shared_memory_buffer() -> Path:
     """This rank's buffer of DeepSpeed's CPU shared-memory allreduce (/dev/shm, 69 MB): DeepSpeed never unlinks it,
-    so every run would leave one per rank in RAM-backed /dev/shm (18 GB after a day of test runs here); unlinked
-    at exit (a killed rank's stays)."""
+    so every run would leave one per rank in RAM-backed /dev/shm (18 GB after a day of test runs here);
+    init_distributed unlinks it as soon as every rank has mapped it."""
     env = os.environ
     return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_"
                             f"{env['RANK']}")
