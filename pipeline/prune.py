@@ -28,6 +28,7 @@ from minimoe_common.files import write_json, written_dir
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune.data import collate, load_task_data
 from pipeline.finetune.run import check_finetuned_for
+from pipeline.finetune.scoring import evaluate
 from pipeline.models.config import StudentConfig
 from pipeline.models.heads import StudentForSequenceClassification, StudentForTokenClassification
 from pipeline.models.hf_export import load_student_head
@@ -86,12 +87,10 @@ def importance(model: TaskModel, batches: Iterator[dict[str, torch.Tensor]]) -> 
     return scores
 
 
-def task_batches(task: Task, data_dir: str, tokenizer, max_seq_length: int, max_examples: int | None,
-                 batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The task's training examples (the first `max_examples`) in file order, in padded batches."""
-    train = load_task_data(task, data_dir, tokenizer, max_seq_length, max_examples).train
-    for start in range(0, len(train), batch_size):
-        yield collate(train[start:start + batch_size], tokenizer.pad_token_id)
+def batches(features: list[dict], pad_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Encoded examples in their order, in padded batches."""
+    for start in range(0, len(features), batch_size):
+        yield collate(features[start:start + batch_size], pad_id)
 
 
 def layer_param_sizes(config: StudentConfig) -> tuple[int, int, int]:
@@ -164,13 +163,18 @@ def prune(model: TaskModel, scores: Importance, keep: float) -> TaskModel:
 
 def prune_dir(model_dir: str, output: str, task_name: str, data_dir: str, keep: float, max_examples: int | None,
               batch_size: int, max_seq_length: int) -> dict:
-    """Score, prune and write `output` (model, tokenizer, pruning.json); returns the summary."""
+    """Score on the task's first `max_examples` training examples (all when None), prune, and write `output`
+    (model, tokenizer, pruning.json: the shapes, counts, scores, and the dev score before and after, untrained,
+    as MiniDisc's sanity check); returns the summary."""
     task = get_task(task_name)
     check_max_seq_length(max_seq_length, model_dir)
     model, tokenizer = load_finetuned(model_dir, task), load_tokenizer(model_dir)
-    scores = importance(model, task_batches(task, data_dir, tokenizer, max_seq_length, max_examples, batch_size))
+    data = load_task_data(task, data_dir, tokenizer, max_seq_length, max_examples)
+    scores = importance(model, batches(data.train, tokenizer.pad_token_id, batch_size))
     small = prune(model, scores, keep)
-    summary = {"model": model_dir, "task": task.name, "keep": keep,
+    dev = {f"dev_{when}": evaluate(m, task, data, 2 * batch_size, tokenizer.pad_token_id, step=0)["score"]
+           for when, m in (("before", model), ("after", small))}
+    summary = {"model": model_dir, "task": task.name, "keep": keep, **dev,
                "layer_params_before": layer_params(model), "layer_params_after": layer_params(small),
                "params_before": sum(p.numel() for p in model.parameters()),
                "params_after": sum(p.numel() for p in small.parameters()),
@@ -209,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
+    metric = get_task(args.task).metrics[0]
     print(f"kept {sum(summary['layer_heads'])} heads and {sum(summary['layer_intermediate_sizes'])} FFN neurons: "
-          f"transformer layers {summary['layer_params_before'] / 1e6:.2f} M -> {summary['layer_params_after'] / 1e6:.2f} M "
+          f"dev {metric} {summary['dev_before']:.2f} -> {summary['dev_after']:.2f} (untrained); transformer layers {summary['layer_params_before'] / 1e6:.2f} M -> {summary['layer_params_after'] / 1e6:.2f} M "
           f"({100 * summary['layer_params_after'] / summary['layer_params_before']:.1f}%), params "
           f"{summary['params_before'] / 1e6:.2f} M -> {summary['params_after'] / 1e6:.2f} M; wrote {args.output}")
     return 0

@@ -174,6 +174,7 @@ def test_nothing_pruned_gives_the_teachers_logits_and_loads_in_a_fresh_process(t
     pruning = json.loads((tmp_path / "100" / "pruning.json").read_text())
     assert pruning["layer_heads"] == [4] * 4 and pruning["layer_intermediate_sizes"] == [128] * 4
     assert pruning["layer_params_before"] == pruning["layer_params_after"]
+    assert pruning["dev_before"] == pruning["dev_after"]  # the untrained pruned model scored on dev, as MiniDisc
     assert json.loads((tmp_path / "3" / "pruning.json").read_text())["layer_heads"] == [0] * 4
     with torch.no_grad():
         expected = teacher(**batch).logits
