@@ -11,6 +11,8 @@
   of logit_kd_loss; the one definition that finetuning and the task heads use.
 - patient_loss: PKD's normalised [CLS] hidden-state loss (Sun et al. 2019, L_PT), added to logit KD by
   finetuning's --pkd-beta.
+- moebert_loss: MoEBERT's layer-wise distillation term (Zuo et al. 2022): hidden-state MSE of every layer and the
+  embeddings plus the symmetric KL of the predictions, added to the task loss by finetuning's --moebert-distill.
 The student's MoE aux loss (already weighted by StudentConfig.aux_loss_weight) is added when given.
 All arithmetic is fp32: bf16/fp16 inputs are upcast before any product, softmax or exp.
 """
@@ -271,3 +273,30 @@ def patient_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.
     pairs of squared distances, divided by M x H. Their beta grid (10 to 1000) was tuned on this scale."""
     s, t = F.normalize(student_cls.float(), dim=-1), F.normalize(teacher_cls.float(), dim=-1)
     return F.mse_loss(s, t)
+
+
+def symmetric_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """MoEBERT's prediction loss (SimiaoZuo/MoEBERT, modeling_bert_moe.py: symmetric_KL_loss(p, q) / batch size):
+    1/2 (KL(p || q) + KL(q || p)) = 1/2 sum_c (p_c - q_c)(log p_c - log q_c), summed over classes, averaged over
+    the N rows; p, q the softmax of the logits (N, C) at temperature 1. For regression (C == 1) the MSE of the
+    outputs, as theirs."""
+    s, t = student_logits.float(), teacher_logits.float()
+    if s.size(-1) == 1:
+        return F.mse_loss(s, t)
+    log_p, log_q = F.log_softmax(s, -1), F.log_softmax(t, -1)  # their log(softmax), without its log(0) = -inf
+    return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum() / s.size(0)
+
+
+def moebert_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                 student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MoEBERT's distillation term (SimiaoZuo/MoEBERT, modeling_bert_moe.py get_distillation_loss): hidden = sum over
+    the paired states (B, T, H) of their MSE, prediction = symmetric_kl_loss; -> (hidden + prediction, parts).
+
+    Each MSE is a mean over real tokens x H (theirs, `MSELoss()`, over every entry of batches padded to 128: padding
+    counted; ours are padded to their longest example, so counting padding would rescale the loss per batch)."""
+    mask = attention_mask.bool()[..., None]
+    hidden = torch.stack([_masked_mse(s, t, mask) for s, t in zip(student_hidden, teacher_hidden, strict=True)]).sum()
+    prediction = symmetric_kl_loss(student_logits, teacher_logits)
+    parts = {"hidden": hidden.detach(), "prediction": prediction.detach()}
+    return hidden + prediction, parts

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 from minimoe_common.cli import InputError, check_output_dir
-from minimoe_common.files import write_json, written_dir
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune.data import collate, load_task_data
-from pipeline.finetune.run import check_finetuned_for
+from pipeline.finetune.run import check_finetuned_for, save_model
 from pipeline.finetune.scoring import evaluate
 from pipeline.models.config import StudentConfig
 from pipeline.models.heads import StudentForSequenceClassification, StudentForTokenClassification
@@ -182,32 +181,41 @@ def prune_dir(model_dir: str, output: str, task_name: str, data_dir: str, keep: 
                "importance": {"heads": [s.tolist() for s in scores.heads], "neurons": [s.tolist() for s in scores.neurons]},
                "scored_on": {"data_dir": data_dir, "max_examples": max_examples, "batch_size": batch_size,
                              "max_seq_length": max_seq_length}}
-    with written_dir(Path(output)) as tmp:
-        small.save_pretrained(tmp)
-        tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / "pruning.json", summary)
+    save_model(small, tokenizer, Path(output), {"pruning.json": summary})
     return summary
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """The arguments of a command that scores a finetuned model on its task's training data and writes a model
+    dir (minimoe-prune, minimoe-moebert): model, output, --task, --data-dir, --max-examples, --batch-size,
+    --max-seq-length."""
+    parser.add_argument("model", help="finetuned model dir (minimoe-finetune's RUN/model: BERT or a dense student)")
+    parser.add_argument("output", help=output_help)
+    parser.add_argument("--task", required=True, help="the task the model was finetuned on (its training data scores)")
+    parser.add_argument("--data-dir", required=True, help="the task's folder, or one holding it as TASK/ or glue/TASK/")
+    parser.add_argument("--max-examples", type=int, default=None, help="score on the first N training examples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per scoring batch (MiniDisc: 32)")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per example after truncation")
+
+
+def check_scoring_arguments(args: argparse.Namespace) -> None:
+    """InputError for a count below 1 or an output dir that cannot be written."""
+    for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: must be >= 1")
+    check_output_dir(args.output, "output")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minimoe-prune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="finetuned model dir (minimoe-finetune's RUN/model: BERT or a dense student)")
-    parser.add_argument("output", help="output dir for the pruned model")
-    parser.add_argument("--task", required=True, help="the task the model was finetuned on (its training data scores)")
-    parser.add_argument("--data-dir", required=True, help="the task's folder, or one holding it as TASK/ or glue/TASK/")
+    add_scoring_arguments(parser, "output dir for the pruned model")
     parser.add_argument("--keep", type=float, required=True,
                         help="percent of the transformer-layer parameters kept, in (0, 100] (the paper's KD 15%%: 15)")
-    parser.add_argument("--max-examples", type=int, default=None, help="score on the first N training examples (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per scoring batch (MiniDisc: 32)")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per example after truncation")
     args = parser.parse_args(argv)
     try:
         if not 0 < args.keep <= 100:
             raise InputError(f"--keep {args.keep:g}: must be in (0, 100]")
-        for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size)):
-            if value is not None and value < 1:
-                raise InputError(f"{flag} {value}: must be >= 1")
-        check_output_dir(args.output, "output")
+        check_scoring_arguments(args)
         summary = prune_dir(args.model, args.output, args.task, args.data_dir, args.keep, args.max_examples,
                             args.batch_size, args.max_seq_length)
     except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError

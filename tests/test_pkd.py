@@ -65,7 +65,9 @@ def test_total_loss_is_hard_plus_soft_plus_beta_patient(tmp_path):
     labels, pairs = torch.tensor([0, 1, 1]), [(1, 2), (2, 4)]
     config = FinetuneConfig("M", "sst2", "D", str(tmp_path), teacher="T", pkd_beta=100.0)
     assert (config.kd_alpha, config.temperature) == (0.7, 10.0)  # the PKD authors' recipe is the default
-    loss, patient = distillation_loss(get_task("sst2"), student, teacher, labels, config, pairs)
+    mask = torch.ones(B, T)
+    loss, terms = distillation_loss(get_task("sst2"), student, teacher, labels, mask, config, pairs)
+    patient = terms["patient_loss"]
 
     alpha, temperature, beta = 0.7, 10.0, 100.0
     hard = soft = distance = 0.0
@@ -82,7 +84,7 @@ def test_total_loss_is_hard_plus_soft_plus_beta_patient(tmp_path):
     assert loss.item() == pytest.approx((1 - alpha) * hard + alpha * soft + beta * expected_patient, rel=1e-4)
     # without pairs: plain KD, and KD's own defaults
     kd = FinetuneConfig("M", "sst2", "D", str(tmp_path), teacher="T", kd_alpha=0.7, temperature=10.0)
-    assert distillation_loss(get_task("sst2"), student, teacher, labels, kd, [])[0].item() == pytest.approx(
+    assert distillation_loss(get_task("sst2"), student, teacher, labels, mask, kd, [])[0].item() == pytest.approx(
         (1 - alpha) * hard + alpha * soft, rel=1e-4)
     plain = FinetuneConfig("M", "sst2", "D", str(tmp_path), teacher="T")
     assert (plain.kd_alpha, plain.temperature, plain.pkd_beta) == (0.5, 1.0, 0.0)
@@ -158,7 +160,7 @@ def test_pkd_finetunes_our_student_and_a_plain_bert_student(tmp_path, tokenizer,
         out = tmp_path / f"pkd-{name}"
         assert finetune(student, out, "--teacher", str(tmp_path / "teacher" / "model"), "--pkd-beta", "500") == 0
         results = json.loads((out / "results.json").read_text())
-        assert results["pkd_layer_pairs"] == [[1, 2]] and results["steps_trained"] == 10
+        assert results["layer_pairs"] == [[1, 2]] and results["steps_trained"] == 10
         assert (results["config"]["kd_alpha"], results["config"]["temperature"]) == (0.7, 10.0)
         assert {"train/loss", "train/aux_loss", "train/patient_loss"} <= _tensorboard_tags(out / "tensorboard")
         [logged] = EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train/patient_loss")

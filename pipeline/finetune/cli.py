@@ -6,13 +6,16 @@
     python -m pipeline.finetune suite --model DIR [DIR ...] --data-dir ../shared/data --output out/suite
     # PKD (Sun et al. 2019) from a teacher finetuned on the task; alpha 0.7 and T 10 by default then (the authors')
     python -m pipeline.finetune --model DIR --task rte ... --teacher TEACHER --pkd-beta 500 --pkd-strategy skip
+    # MoEBERT (Zuo et al. 2022): a student from minimoe-moebert, every hidden state and the predictions distilled
+    python -m pipeline.finetune --model MOE_DIR --task rte ... --teacher TEACHER --moebert-distill 5 --warmup 0 --weight-decay 0
     ./launch.sh finetune --num-procs 2 [suite] ...   # data parallel: N processes through the deepspeed launcher
 
 The model dir is an exported student (config.json "model_type": "minimoe-student") or any Hugging Face
 encoder dir (BERT, RoBERTa, MPNet, ...; the packaged teacher is the reference row). Both go through one
 loop: the task loss (pipeline.objectives.task_loss) on the logits, plus the student's MoE aux loss (0 for
 dense and HF models), plus the task-specific KD term of the paper's KD rows when --teacher is given, and
-with --pkd-beta PKD's patient loss on the [CLS] states of mapped layers (its PKD row; tensorboard train/patient_loss).
+with --pkd-beta PKD's patient loss on the [CLS] states of mapped layers (its PKD row; tensorboard train/patient_loss),
+or with --moebert-distill MoEBERT's task loss + weight x (hidden-state MSE of every layer + symmetric KL).
 Dev is scored every --eval-every steps (default: each epoch) and after the last step; model/ keeps the
 weights of the best evaluation by the task's paper metric, and --patience stops a run early.
 Each run writes results.json (best step and score, every evaluation), model/ and TensorBoard logs in

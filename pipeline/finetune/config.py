@@ -78,6 +78,13 @@ class FinetuneConfig:
     """PKD's layer mapping of student layers 1 .. Ls-1 (the last one learns through the logits): skip, to
     teacher layers k x Lt / Ls, rounded down (12 -> 6: 2, 4, 6, 8, 10); last, to the teacher's Ls-1 layers
     before its last (12 -> 6: 7 to 11)."""
+    moebert_distill: float = 0.0
+    """MoEBERT's layer-wise distillation (Zuo et al. 2022; the authors' code, SimiaoZuo/MoEBERT
+    modeling_bert_moe.py get_distillation_loss): loss = task loss + this weight x (the MSE of every hidden state,
+    the embeddings' output included, summed over the states, + the symmetric KL of the predictions, MSE for
+    regression); 0 = off; > 0 needs --teacher of the student's depth and width (a student from minimoe-moebert).
+    Their MNLI script: 5, with lr 5e-5, batch 64, 5 epochs, --warmup 0 and --weight-decay 0. --kd-alpha and
+    --temperature do not apply."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON config (e.g. ds_configs/zero2.json); default: ZeRO-0 fp32."""
 
@@ -102,9 +109,14 @@ class FinetuneConfig:
             "temperature": (self.temperature > 0, "must be > 0"),
             "pkd_beta": (self.pkd_beta >= 0, "must be >= 0 (0: off)"),
             "pkd_strategy": (self.pkd_strategy in PKD_STRATEGIES, f"must be one of {', '.join(PKD_STRATEGIES)}"),
+            "moebert_distill": (self.moebert_distill >= 0, "must be >= 0 (0: off)"),
         })
-        if self.pkd_beta and self.teacher is None:
-            raise InputError(f"--pkd-beta {self.pkd_beta:g} needs --teacher: PKD distils a model finetuned on the task")
+        for flag, weight, method in (("--pkd-beta", self.pkd_beta, "PKD"),
+                                     ("--moebert-distill", self.moebert_distill, "MoEBERT")):
+            if weight and self.teacher is None:
+                raise InputError(f"{flag} {weight:g} needs --teacher: {method} distils a model finetuned on the task")
+        if self.pkd_beta and self.moebert_distill:
+            raise InputError("--pkd-beta and --moebert-distill are two methods' layer losses: give one")
         check_output_dir(self.output, "--output")
 
 

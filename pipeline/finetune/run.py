@@ -28,7 +28,7 @@ from pipeline.finetune.data import collate, load_task_data
 from pipeline.finetune.scoring import evaluate, majority_baseline
 from pipeline.models import StudentForSequenceClassification, StudentForTokenClassification, is_student_dir
 from pipeline.models.files import check_max_seq_length, loading, read_model_config
-from pipeline.objectives import logit_kd_loss, patient_loss, task_loss
+from pipeline.objectives import logit_kd_loss, moebert_loss, patient_loss, task_loss
 from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
 from pipeline.tasks import Task, get_task
 
@@ -90,22 +90,32 @@ def load_teacher(teacher_dir: str | None, task: Task, tokenizer) -> torch.nn.Mod
     return teacher.eval().requires_grad_(False)
 
 
-def save_model(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """Write model + tokenizer to `path` whole, readable by others."""
+def save_model(model: torch.nn.Module, tokenizer, path: Path, records: dict[str, dict] | None = None) -> None:
+    """Write model + tokenizer (and `records`, JSON files by name) to `path` whole, readable by others."""
     with written_dir(path) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        for name, record in (records or {}).items():
+            write_json(tmp / name, record)
 
 
-def kd_loss(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            alpha: float, temperature: float) -> torch.Tensor:
-    """The paper's task-specific KD: alpha x soft (T^2 KL to the teacher, MSE for regression) +
-    (1 - alpha) x task loss; token tasks on their labelled positions (first sub-tokens) only."""
+def predictions(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student logits (N, C), teacher logits (N, C), labels (N,)): a sequence task's rows, a token task's labelled
+    positions (first sub-tokens) only."""
     classes = logits.size(-1)
     logits, teacher_logits, labels = logits.reshape(-1, classes), teacher_logits.reshape(-1, classes), labels.reshape(-1)
     if task.kind == "token":
         keep = labels != -100
         logits, teacher_logits, labels = logits[keep], teacher_logits[keep], labels[keep]
+    return logits, teacher_logits, labels
+
+
+def kd_loss(task: Task, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            alpha: float, temperature: float) -> torch.Tensor:
+    """The paper's task-specific KD: alpha x soft (T^2 KL to the teacher, MSE for regression) +
+    (1 - alpha) x task loss, on `predictions`."""
+    logits, teacher_logits, labels = predictions(task, logits, teacher_logits, labels)
     return logit_kd_loss(logits, teacher_logits, temperature, labels=labels, alpha=alpha)[0]
 
 
@@ -122,31 +132,48 @@ def pkd_layer_pairs(student_layers: int, teacher_layers: int, strategy: str) -> 
             for k in range(1, student_layers)]
 
 
-def pkd_pairs(config: FinetuneConfig, model: torch.nn.Module, teacher: torch.nn.Module | None) -> list[tuple[int, int]]:
-    """The layer pairs of the patient loss ([] without --pkd-beta). The [CLS] states are compared as they are,
-    as in PKD (its students are BERT-base wide): another width is refused, not bridged by a learned projection
-    (that would be another method, TinyBERT's W_h)."""
-    if not config.pkd_beta:
+def layer_pairs(config: FinetuneConfig, model: torch.nn.Module, teacher: torch.nn.Module | None) -> list[tuple[int, int]]:
+    """The (student, teacher) hidden_states pairs of the layer-wise loss: PKD's mapped layers (--pkd-beta), or
+    MoEBERT's every state, the embeddings' output included (--moebert-distill: student and teacher of one depth);
+    [] for neither. The states are compared as they are, as in PKD (its students are BERT-base wide) and MoEBERT
+    (its students are the teacher's shape): another width is refused, not bridged by a learned projection (that
+    would be another method, TinyBERT's W_h)."""
+    if not (config.pkd_beta or config.moebert_distill):
         return []
+    flag, states = ("--pkd-beta", "[CLS] states") if config.pkd_beta else ("--moebert-distill", "hidden states")
     student, teacher = model.config, teacher.config
     if student.hidden_size != teacher.hidden_size:
-        raise InputError(f"--pkd-beta compares [CLS] states of equal width: the student's hidden size is "
+        raise InputError(f"{flag} compares {states} of equal width: the student's hidden size is "
                          f"{student.hidden_size}, the teacher's {teacher.hidden_size} ({config.teacher})")
-    return pkd_layer_pairs(student.num_hidden_layers, teacher.num_hidden_layers, config.pkd_strategy)
+    if config.pkd_beta:
+        return pkd_layer_pairs(student.num_hidden_layers, teacher.num_hidden_layers, config.pkd_strategy)
+    if student.num_hidden_layers != teacher.num_hidden_layers:
+        raise InputError(f"--moebert-distill pairs every layer's hidden state: the student has "
+                         f"{student.num_hidden_layers} layers, the teacher {teacher.num_hidden_layers} ({config.teacher})")
+    return [(i, i) for i in range(student.num_hidden_layers + 1)]
 
 
-def distillation_loss(task: Task, out, teacher_out, labels: torch.Tensor, config: FinetuneConfig,
-                      pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (loss, patient loss or None). KD (kd_loss), plus with layer pairs PKD's beta x patient loss on their
-    [CLS] states (Sun et al. 2019: (1 - alpha) CE + alpha T^2 KL + beta L_PT); `out` / `teacher_out`:
-    model outputs with logits (and hidden_states, when there are pairs)."""
+def distillation_loss(task: Task, out, teacher_out, labels: torch.Tensor, attention_mask: torch.Tensor,
+                      config: FinetuneConfig, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-> (loss, its layer-wise terms by name, before their weight). With --moebert-distill, MoEBERT's task loss
+    + weight x (hidden-state MSE of the pairs + symmetric KL of the predictions) (moebert_loss; "hidden_loss",
+    "prediction_loss"); otherwise KD (kd_loss), plus with layer pairs PKD's beta x patient loss on their [CLS]
+    states (Sun et al. 2019: (1 - alpha) CE + alpha T^2 KL + beta L_PT; "patient_loss"). `out` / `teacher_out`:
+    model outputs with logits (and hidden_states, when there are pairs); attention_mask (B, T), 1 = real token."""
+    if config.moebert_distill:
+        logits, teacher_logits, _ = predictions(task, out.logits, teacher_out.logits, labels)
+        distill, parts = moebert_loss([out.hidden_states[i] for i, _ in pairs],
+                                      [teacher_out.hidden_states[j] for _, j in pairs], logits, teacher_logits,
+                                      attention_mask)
+        loss = task_loss(out.logits, labels) + config.moebert_distill * distill
+        return loss, {"hidden_loss": parts["hidden"], "prediction_loss": parts["prediction"]}
     loss = kd_loss(task, out.logits, teacher_out.logits, labels, config.kd_alpha, config.temperature)
     if not pairs:
-        return loss, None
+        return loss, {}
     student_cls = torch.stack([out.hidden_states[i][:, 0] for i, _ in pairs], 1)  # (B, M, H)
     teacher_cls = torch.stack([teacher_out.hidden_states[j][:, 0] for _, j in pairs], 1)
     patient = patient_loss(student_cls, teacher_cls)
-    return loss + config.pkd_beta * patient, patient
+    return loss + config.pkd_beta * patient, {"patient_loss": patient}
 
 
 def is_main_process() -> bool:
@@ -205,7 +232,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     model, tokenizer = build_model(config.model, task)
     teacher = load_teacher(config.teacher, task, tokenizer)
-    pairs = pkd_pairs(config, model, teacher)
+    pairs = layer_pairs(config, model, teacher)
     data = load_task_data(task, config.data_dir, tokenizer, config.max_seq_length, config.max_train_examples)
 
     init_single_process()
@@ -257,7 +284,7 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
         "steps": total_steps, "steps_trained": step, "stopped_early": step < total_steps,
         "seconds": round(seconds, 1),  # training and the dev evaluations
         "train_examples_per_second": round(examples / seconds, 1),
-        "pkd_layer_pairs": pairs, "model_dir": str(output / "model"), "config": dataclasses.asdict(config),
+        "layer_pairs": pairs, "model_dir": str(output / "model"), "config": dataclasses.asdict(config),
     }
     if rank == 0:
         write_json(output / "results.json", results)
@@ -271,8 +298,8 @@ def train_run(config: FinetuneConfig, lr: float, batch_size: int, seed: int, out
 
 def train_step(engine, teacher, task: Task, batch: dict[str, torch.Tensor], config: FinetuneConfig,
                pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """One optimizer step on task loss (or KD, or PKD) + the student's MoE aux loss (HF models have none).
-    -> {"loss": the loss without aux, "aux_loss", and with PKD "patient_loss" (before its weight beta)}."""
+    """One optimizer step on task loss (or KD, PKD, MoEBERT) + the student's MoE aux loss (HF models have none).
+    -> {"loss": the loss without aux, "aux_loss", and distillation_loss's layer-wise terms}."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     labels = batch.pop("labels")
     hidden = {"output_hidden_states": True} if pairs else {}  # our heads and transformers' alike
@@ -285,9 +312,7 @@ def train_step(engine, teacher, task: Task, batch: dict[str, torch.Tensor], conf
     else:
         with torch.no_grad():
             teacher_out = teacher(**batch, **hidden)
-        loss, patient = distillation_loss(task, out, teacher_out, labels, config, pairs)
-        if patient is not None:
-            terms["patient_loss"] = patient
+        loss, terms = distillation_loss(task, out, teacher_out, labels, batch["attention_mask"], config, pairs)
     engine.backward(loss + aux)
     engine.step()
     return {"loss": loss, "aux_loss": aux, **terms}
