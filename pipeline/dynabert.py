@@ -1,0 +1,350 @@
+"""DynaBERT (Hou et al. 2020, "DynaBERT: Dynamic BERT with Adaptive Width and Depth"), task-specific, from a
+finetuned teacher: rewire, train width-adaptively with distillation (DynaBERT_W), export a sub-network.
+
+Facts from the authors' code (huawei-noah/Pretrained-Language-Model, DynaBERT/):
+- Rewiring (run_glue.py L425-444, modeling_bert.py L288-312, L332-377): each layer's heads and FFN neurons are
+  sorted by importance, most important first, so that a width's sub-network is the first units of every layer.
+  Their importance: |dL/d head mask| and a Taylor term of each neuron's weights, on the dev set (run_glue.py
+  L359-422). Here: pipeline.prune's first-order Taylor scores (|dL/d mask| of heads and neurons) on the task's
+  training data, so that dev stays held out.
+- Width w (modeling_bert.py L139-160, L231): round(w x heads) heads of every layer, and of its FFN
+  int(round(w x heads) / heads x neurons) neurons (at least 1).
+- Depth d (modeling_bert.py L422-428): round(d x L) layers kept, layer floor(i / d) for i = 0 .. round(d x L)-1
+  (d = 0.5 of 12: 0, 2, .., 10); the hidden states compared are those at the inputs of the kept layers and the
+  last one, the same indices in teacher and student (run_glue.py L136-141, L180-181).
+- DynaBERT_W (run_glue.py L118-166, L198-206; README step 2): the teacher is the finetuned model, fixed; for each
+  batch, for each width of 0.25, 0.5, 0.75, 1.0 from the widest, the sub-network's loss
+  lambda1 x soft cross-entropy of the logits + lambda2 x sum of the MSE of the embeddings' output and every
+  layer's hidden state (lambda1 1.0, lambda2 0.1: L504-507), gradients accumulated over the widths, clipped to
+  norm 1, then one AdamW step (lr 2e-5, batch 32, 3 epochs, no warmup or weight decay: README, L469-481).
+
+Where we differ, and why: the logit term is KL(teacher || student) (objectives.logit_kd_loss at T 1), which is
+their soft cross-entropy less the teacher's entropy: the same gradient. The hidden-state MSE is over real tokens
+(as objectives.moebert_loss; theirs counts padding to 128, ours pads to the longest example). They distil only
+with data augmentation (`--data_aug`, TinyBERT's augmented set; without it L166 trains on the hard labels); we
+distil on the task's own training set. Sub-networks are masks on the full model (prune.masked), exactly the
+sub-network's function (tests/test_dynabert.py), and the engine accumulates the widths' gradients
+(gradient_accumulation_steps = the widths, summed, not averaged, as their loss.backward() per width).
+The depth stage (DynaBERT proper, README step 3) is not trained here: `export --depth` drops layers as they
+do, from the width-adaptive model.
+
+    python -m pipeline.dynabert train RUN/model OUT --task rte --data-dir ../shared/data/glue
+    python -m pipeline.dynabert export OUT SUB --width 0.5 --depth 1.0
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from minimoe_common.cli import InputError, check_output_dir
+from minimoe_common.files import write_json
+from minimoe_common.tokenizer import load_tokenizer
+from pipeline.finetune.config import deepspeed_config
+from pipeline.finetune.data import collate, load_task_data
+from pipeline.finetune.run import save_model
+from pipeline.finetune.scoring import evaluate
+from pipeline.models.hf_export import load_student_head
+from pipeline.models.files import check_max_seq_length
+from pipeline.objectives import _masked_mse, logit_kd_loss
+from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
+from pipeline.prune import Importance, TaskModel, batches, importance, load_finetuned, masked, pruned
+from pipeline.tasks import get_task
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)  # README step 2, --width_mult_list
+
+
+def rewired(model: TaskModel, scores: Importance) -> TaskModel:
+    """`model` with every layer's heads and FFN neurons in descending order of `scores` (ties keep the earlier
+    unit): the same function, re-parametrised."""
+    order = [torch.sort(s, descending=True, stable=True).indices for s in (*scores.heads, *scores.neurons)]
+    layers = model.config.num_layers
+    return pruned(model, order[:layers], order[layers:])
+
+
+def kept_units(heads: int, neurons: int, width: float) -> tuple[int, int]:
+    """(heads, FFN neurons) of a layer of `heads` heads and `neurons` neurons at width multiplier `width`
+    (modeling_bert.py round_to_nearest, L139-143, and L231)."""
+    kept = round(width * heads)
+    return kept, max(1, int(kept / heads * neurons))
+
+
+def kept_layers(num_layers: int, depth: float) -> list[int]:
+    """The layers kept at depth multiplier `depth` (modeling_bert.py L422-428): floor(i / depth) for the first
+    round(depth x num_layers) i."""
+    return [math.floor(i / depth) for i in range(round(depth * num_layers))]
+
+
+@torch.no_grad()
+def shallower(model: TaskModel, layers: list[int]) -> TaskModel:
+    """A model of the same class keeping only `layers` (in order), their weights unchanged."""
+    config = model.config
+    config = dataclasses.replace(config, num_layers=len(layers), layer_heads=[config.heads_of(i) for i in layers],
+                                 layer_intermediate_sizes=[config.intermediate_size_of(i) for i in layers])
+    position, state = {old: new for new, old in enumerate(layers)}, {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] == ["student", "layers"]:
+            if int(parts[2]) not in position:
+                continue
+            parts[2] = str(position[int(parts[2])])
+        state[".".join(parts)] = value
+    smaller = type(model)(config).train(model.training)
+    smaller.load_state_dict(state)
+    return smaller
+
+
+def subnetwork(model: TaskModel, width: float, depth: float) -> TaskModel:
+    """The rewired `model`'s sub-network at `width` and `depth`: the first heads and neurons of the kept layers."""
+    config = model.config
+    units = [kept_units(config.heads_of(i), config.intermediate_size_of(i), width) for i in range(config.num_layers)]
+    narrow = pruned(model, [torch.arange(h) for h, _ in units], [torch.arange(n) for _, n in units])
+    return shallower(narrow, kept_layers(config.num_layers, depth))
+
+
+def set_width(masks: Importance, width: float) -> None:
+    """Masks (from prune.masked) that leave `width`'s sub-network: ones on each layer's first units, zeros after."""
+    with torch.no_grad():
+        for heads, neurons in zip(masks.heads, masks.neurons):
+            kept_heads, kept_neurons = kept_units(len(heads), len(neurons), width)
+            heads.zero_()[:kept_heads] = 1
+            neurons.zero_()[:kept_neurons] = 1
+
+
+def width_masks(model: TaskModel, device: torch.device) -> Importance:
+    """prune.masked's head and neuron masks on `model`, on `device`, without gradients (set by set_width)."""
+    masks, _ = masked(model)  # the hooks stay for the run
+    for mask in (*masks.heads, *masks.neurons):
+        mask.requires_grad_(False)
+        mask.data = mask.data.to(device)  # the same tensor object, which the hooks hold, moved
+    return masks
+
+
+def dynabert_loss(out, teacher_out, attention_mask: torch.Tensor, lambda_logit: float,
+                  lambda_hidden: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """lambda_logit x KL(teacher || student) of the logits + lambda_hidden x the sum over the embeddings' output
+    and every layer's of the hidden states' MSE (real tokens); -> (loss, {"logit", "hidden"})."""
+    logit = logit_kd_loss(out.logits, teacher_out.logits)[0]
+    mask = attention_mask.bool()[..., None]  # (B, T, 1)
+    hidden = torch.stack([_masked_mse(s, t, mask) for s, t in
+                          zip(out.hidden_states, teacher_out.hidden_states, strict=True)]).sum()
+    return lambda_logit * logit + lambda_hidden * hidden, {"logit": logit.detach(), "hidden": hidden.detach()}
+
+
+def train_step(engine, teacher: TaskModel, masks: Importance, batch: dict[str, torch.Tensor], widths: list[float],
+               lambdas: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """One optimizer step: each width's loss back-propagated in turn (the engine accumulates over the widths,
+    summing) -> {"loss@W": each width's loss}. The hard labels are not used (their L164)."""
+    batch = {k: v.to(engine.device) for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        teacher_out = teacher(**batch, output_hidden_states=True)
+    losses = {}
+    for width in widths:
+        set_width(masks, width)
+        out = engine(**batch, output_hidden_states=True)
+        loss, _ = dynabert_loss(out, teacher_out, batch["attention_mask"], *lambdas)
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # the optimizer steps after the last width (the accumulation boundary)
+        losses[f"loss@{width:g}"] = loss.detach()
+    return losses
+
+
+def dev_scores(model: TaskModel, masks: Importance, widths: list[float], task, data, batch_size: int,
+               pad_id: int, step: int) -> dict[str, float]:
+    """Dev score of every width's sub-network, by width."""
+    scores = {}
+    for width in widths:
+        set_width(masks, width)
+        scores[f"{width:g}"] = evaluate(model, task, data, batch_size, pad_id, step)["score"]
+    return scores
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """DynaBERT_W's settings (defaults: the authors' README step 2)."""
+
+    model: str
+    """Finetuned teacher dir (minimoe-finetune's RUN/model), the student's initialisation too."""
+    output: str
+    """Dir for the trained width-adaptive model (rewired, all widths in one) and dynabert.json."""
+    task: str
+    """The task the model was finetuned on (a classification task)."""
+    data_dir: str
+    """The task's folder, or one holding it as TASK/ or glue/TASK/."""
+    widths: list[float] = dataclasses.field(default_factory=lambda: list(WIDTHS))
+    """Width multipliers trained, each in (0, 1]."""
+    epochs: float = 3.0
+    lr: float = 2e-5
+    """AdamW's peak rate, decayed linearly to 0 (no warmup, as theirs with --warmup_steps 0)."""
+    batch_size: int = 32
+    max_seq_length: int = 128
+    max_examples: int | None = None
+    """Train (and score importance) on the first N training examples; None = all."""
+    lambda_logit: float = 1.0
+    lambda_hidden: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+
+
+def train_loop(engine, teacher: TaskModel, masks: Importance, loader: DataLoader, total_steps: int,
+               widths: list[float], lambdas: tuple[float, float]) -> list[dict]:
+    """`total_steps` train_steps, epoch after epoch of `loader`; -> each step's losses."""
+    history = []
+    for step, batch in enumerate(itertools.chain.from_iterable(itertools.repeat(loader)), start=1):
+        engine.train()
+        losses = train_step(engine, teacher, masks, batch, widths, lambdas)
+        losses = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))  # one sync
+        check_finite(losses, step)
+        history.append({"step": step, **losses})
+        if step == total_steps:
+            return history
+
+
+def train(config: TrainConfig) -> dict:
+    """Score, rewire, train DynaBERT_W; write config.output (model, tokenizer, dynabert.json); -> the summary."""
+    task = get_task(config.task)
+    check_max_seq_length(config.max_seq_length, config.model)
+    random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
+    teacher, tokenizer = load_finetuned(config.model, task), load_tokenizer(config.model)
+    if task.kind != "classification":
+        raise InputError(f"--task {task.name}: a {task.kind} task; DynaBERT distils classification logits here")
+    if teacher.config.is_pruned:
+        raise InputError(f"{config.model}: a pruned model; DynaBERT starts from a full finetuned model")
+    for width in config.widths:
+        check_multiplier("--widths", width, teacher.config.num_heads, "head")
+    pad = tokenizer.pad_token_id
+    data = load_task_data(task, config.data_dir, tokenizer, config.max_seq_length, config.max_examples)
+    scores = importance(teacher, batches(data.train, pad, config.batch_size))  # teacher: eval, frozen
+    student = rewired(teacher, scores).train()
+    widths = sorted(config.widths, reverse=True)  # the widest first, as theirs (L145)
+
+    init_single_process()
+    init_distributed()
+    sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(config.seed))
+    loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda f: collate(f, pad))
+    total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    ds_config = {**deepspeed_config(None, config.batch_size, config.max_grad_norm),
+                 "gradient_accumulation_steps": len(widths)}
+    engine = build_engine(student, ds_config, config.lr, 0.0, LinearSchedule(0, total_steps))
+    teacher.to(engine.device)
+    masks = width_masks(engine.module, engine.device)
+    before = dev_scores(engine.module, masks, widths, task, data, 2 * config.batch_size, pad, 0)
+    history = train_loop(engine, teacher, masks, loader, total_steps, widths, (config.lambda_logit, config.lambda_hidden))
+    after = dev_scores(engine.module, masks, widths, task, data, 2 * config.batch_size, pad, total_steps)
+    summary = {"config": dataclasses.asdict(config), "steps": total_steps, "dev_before": before, "dev_after": after,
+               "importance": {"heads": [s.tolist() for s in scores.heads],
+                              "neurons": [s.tolist() for s in scores.neurons]}, "losses": history}
+    save_model(engine.module, tokenizer, Path(config.output))
+    write_json(Path(config.output) / "dynabert.json", summary)
+    return summary
+
+
+def export(model_dir: str, output: str, width: float, depth: float) -> dict:
+    """Write the sub-network of the trained DynaBERT dir at `width` and `depth` as a student dir (with
+    dynabert.json: what was kept); -> that record."""
+    model, tokenizer = load_student_head(model_dir, token=False), load_tokenizer(model_dir)
+    config = model.config
+    check_multiplier("--width", width, min(config.heads_of(i) for i in range(config.num_layers)), "head")
+    check_multiplier("--depth", depth, config.num_layers, "layer")
+    small = subnetwork(model.eval(), width, depth)
+    record = {"model": model_dir, "width": width, "depth": depth,
+              "layers": kept_layers(config.num_layers, depth), "layer_heads": small.config.layer_heads,
+              "layer_intermediate_sizes": small.config.layer_intermediate_sizes,
+              "params": sum(p.numel() for p in small.parameters())}
+    save_model(small, tokenizer, Path(output))
+    write_json(Path(output) / "dynabert.json", record)
+    return record
+
+
+def check_multiplier(flag: str, value: float, units: int, unit: str) -> None:
+    """InputError unless `value` is in (0, 1] and keeps at least one of `units` (round(value x units) >= 1)."""
+    if not 0 < value <= 1 or round(value * units) < 1:
+        raise InputError(f"{flag} {value:g}: must be in (0, 1] and keep at least one {unit} of {units}")
+
+
+def parse_widths(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0.25,0.5,0.75,1.0") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="minimoe-dynabert", description=__doc__.split("\n\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="rewire a finetuned model and train it width-adaptively "
+                                       "(DynaBERT_W) with distillation from it")
+    defaults = TrainConfig("", "", "", "")
+    train_parser.add_argument("model", help="finetuned model dir (minimoe-finetune's RUN/model: BERT or a dense student)")
+    train_parser.add_argument("output", help="output dir for the width-adaptive model")
+    train_parser.add_argument("--task", required=True, help="the task the model was finetuned on (a classification task)")
+    train_parser.add_argument("--data-dir", required=True, help="the task's folder, or one holding it as TASK/ or glue/TASK/")
+    train_parser.add_argument("--widths", type=parse_widths, default=defaults.widths,
+                              help="width multipliers trained, comma-separated (default: DynaBERT's 0.25,0.5,0.75,1.0)")
+    for flag, kind, help_text in (
+            ("--epochs", float, "training epochs (DynaBERT: 3)"), ("--lr", float, "AdamW learning rate (DynaBERT: 2e-5)"),
+            ("--batch-size", int, "examples per step (DynaBERT: 32)"),
+            ("--max-seq-length", int, "tokens per example after truncation (DynaBERT: 128)"),
+            ("--max-examples", int, "train and score importance on the first N training examples (default: all)"),
+            ("--lambda-logit", float, "weight of the logit distillation loss (DynaBERT's width_lambda1: 1.0)"),
+            ("--lambda-hidden", float, "weight of the hidden-state MSE (DynaBERT's width_lambda2: 0.1)"),
+            ("--max-grad-norm", float, "gradient clipping of the accumulated gradient (DynaBERT: 1.0)"),
+            ("--seed", int, "seed of the data order, dropout and initialisation (DynaBERT: 42)")):
+        name = flag.removeprefix("--").replace("-", "_")
+        train_parser.add_argument(flag, type=kind, default=getattr(defaults, name), help=help_text)
+    export_parser = commands.add_parser("export", help="write one sub-network of a trained DynaBERT dir as a student dir")
+    export_parser.add_argument("model", help="a dir written by `minimoe-dynabert train`")
+    export_parser.add_argument("output", help="output dir for the sub-network")
+    export_parser.add_argument("--width", type=float, required=True, help="width multiplier in (0, 1], e.g. 0.5")
+    export_parser.add_argument("--depth", type=float, default=1.0, help="depth multiplier in (0, 1] (default 1.0)")
+    return top
+
+
+def check_train(config: TrainConfig) -> None:
+    """InputError for a width outside (0, 1] or a count or rate out of range, before any work."""
+    if not config.widths or not all(0 < w <= 1 for w in config.widths):
+        raise InputError(f"--widths {config.widths}: each must be in (0, 1]")
+    for flag, value in (("--epochs", config.epochs), ("--lr", config.lr), ("--batch-size", config.batch_size),
+                        ("--max-seq-length", config.max_seq_length), ("--max-grad-norm", config.max_grad_norm),
+                        ("--max-examples", config.max_examples or 1)):
+        if value <= 0:
+            raise InputError(f"{flag} {value:g}: must be > 0")
+    for flag, value in (("--lambda-logit", config.lambda_logit), ("--lambda-hidden", config.lambda_hidden)):
+        if value < 0:
+            raise InputError(f"{flag} {value:g}: must be >= 0")
+    check_output_dir(config.output, "output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        if command == "train":
+            config = TrainConfig(**args)
+            check_train(config)
+            summary = train(config)
+            print(f"dev by width, before -> after: {json.dumps(summary['dev_before'])} -> "
+                  f"{json.dumps(summary['dev_after'])}; wrote {config.output}")
+        else:
+            check_output_dir(args["output"], "output")
+            record = export(args["model"], args["output"], args["width"], args["depth"])
+            print(f"width {record['width']:g}, depth {record['depth']:g}: layers {record['layers']}, heads "
+                  f"{record['layer_heads']}, FFN {record['layer_intermediate_sizes']}, {record['params'] / 1e6:.2f} M "
+                  f"params; wrote {args['output']}")
+    except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
