@@ -18,33 +18,42 @@ Facts from the authors' code (huawei-noah/Pretrained-Language-Model, DynaBERT/):
   layer's hidden state (lambda1 1.0, lambda2 0.1: L504-507), gradients accumulated over the widths, clipped to
   norm 1, then one AdamW step (lr 2e-5, batch 32, 3 epochs, no warmup or weight decay: README, L469-481).
 
+- DynaBERT (README step 3, here `train --depths 0.5,0.75,1.0` on a DynaBERT_W dir): DynaBERT_W is teacher and
+  initialisation, no rewiring (L551); for each batch, each depth from the deepest, each width from the widest,
+  the loss against the teacher, lambda1 = lambda2 = 1.0 (L494-499).
+
 Where we differ, and why: the logit term is KL(teacher || student) (objectives.logit_kd_loss at T 1), which is
 their soft cross-entropy less the teacher's entropy: the same gradient. The hidden-state MSE is over real tokens
 (as objectives.moebert_loss; theirs counts padding to 128, ours pads to the longest example). They distil only
 with data augmentation (`--data_aug`, TinyBERT's augmented set; without it L166 trains on the hard labels); we
-distil on the task's own training set. Sub-networks are masks on the full model (prune.masked), exactly the
-sub-network's function (tests/test_dynabert.py), and the engine accumulates the widths' gradients
-(gradient_accumulation_steps = the widths, summed, not averaged, as their loss.backward() per width).
-The depth stage (DynaBERT proper, README step 3) is not trained here: `export --depth` drops layers as they
-do, from the width-adaptive model.
+distil on the task's own training set. In the depth stage their teacher stays at full width for every width
+(its width_mult is never set, though L121-127 compute its outputs once per width); the paper distils each width
+from DynaBERT_W at the same width, which we follow (the teacher masked as the student). Widths are masks on the
+full model (prune.masked) and depths run the kept layers only, as theirs; both compute exactly the exported
+sub-network (tests/test_dynabert.py); the engine accumulates the sub-networks' gradients
+(gradient_accumulation_steps = widths x depths, summed, not averaged, as their loss.backward() per sub-network).
 
     python -m pipeline.dynabert train RUN/model OUT --task rte --data-dir ../shared/data/glue
-    python -m pipeline.dynabert export OUT SUB --width 0.5 --depth 1.0
+    python -m pipeline.dynabert train OUT OUT2 --task rte --data-dir ../shared/data/glue --depths 0.5,0.75,1.0
+    python -m pipeline.dynabert export OUT2 SUB --width 0.5 --depth 0.75
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
 
 from minimoe_common.cli import InputError, check_output_dir
 from minimoe_common.files import write_json
@@ -129,59 +138,107 @@ def width_masks(model: TaskModel, device: torch.device) -> Importance:
     return masks
 
 
-def dynabert_loss(out, teacher_out, attention_mask: torch.Tensor, lambda_logit: float,
-                  lambda_hidden: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """lambda_logit x KL(teacher || student) of the logits + lambda_hidden x the sum over the embeddings' output
-    and every layer's of the hidden states' MSE (real tokens); -> (loss, {"logit", "hidden"})."""
+@contextlib.contextmanager
+def depth_of(model: TaskModel, layers: list[int]) -> Iterator[None]:
+    """`model`'s encoder running only `layers` (their encoder loops over the kept layers, modeling_bert.py L430);
+    its hidden_states are then the embeddings' output and each kept layer's."""
+    full = model.student.layers
+    model.student.layers = torch.nn.ModuleList(full[i] for i in layers)
+    try:
+        yield
+    finally:
+        model.student.layers = full
+
+
+def dynabert_loss(out, teacher_out, teacher_states: list[int], attention_mask: torch.Tensor, lambda_logit: float,
+                  lambda_hidden: float) -> torch.Tensor:
+    """lambda_logit x KL(teacher || student) of the logits + lambda_hidden x the sum of the hidden states' MSE (real
+    tokens): the student's embeddings' output and every layer's against the teacher's hidden_states
+    `teacher_states` (the inputs of the kept layers and the last: run_glue.py L136-141, L180-185)."""
     logit = logit_kd_loss(out.logits, teacher_out.logits)[0]
     mask = attention_mask.bool()[..., None]  # (B, T, 1)
-    hidden = torch.stack([_masked_mse(s, t, mask) for s, t in
-                          zip(out.hidden_states, teacher_out.hidden_states, strict=True)]).sum()
-    return lambda_logit * logit + lambda_hidden * hidden, {"logit": logit.detach(), "hidden": hidden.detach()}
+    teacher_hidden = [teacher_out.hidden_states[i] for i in teacher_states]
+    hidden = torch.stack([_masked_mse(s, t, mask) for s, t in zip(out.hidden_states, teacher_hidden, strict=True)])
+    return lambda_logit * logit + lambda_hidden * hidden.sum()
 
 
-def train_step(engine, teacher: TaskModel, masks: Importance, batch: dict[str, torch.Tensor], widths: list[float],
-               lambdas: tuple[float, float]) -> dict[str, torch.Tensor]:
-    """One optimizer step: each width's loss back-propagated in turn (the engine accumulates over the widths,
-    summing) -> {"loss@W": each width's loss}. The hard labels are not used (their L164)."""
-    batch = {k: v.to(engine.device) for k, v in batch.items() if k != "labels"}
+@dataclasses.dataclass
+class Networks:
+    """What a training step runs: the teacher (frozen), the width masks on student and teacher, the widths and
+    depths from the largest (their L130, L145), the two loss weights."""
+
+    teacher: TaskModel
+    masks: Importance
+    teacher_masks: Importance | None
+    """None: the teacher stays full (DynaBERT_W); else it runs at each student width (DynaBERT's stage 2)."""
+    widths: list[float]
+    depths: list[float]
+    lambdas: tuple[float, float]
+
+
+def teacher_outputs(nets: Networks, batch: dict[str, torch.Tensor]) -> dict[float, object]:
+    """The teacher's outputs (with hidden states) by student width."""
     with torch.no_grad():
-        teacher_out = teacher(**batch, output_hidden_states=True)
-    losses = {}
-    for width in widths:
-        set_width(masks, width)
-        out = engine(**batch, output_hidden_states=True)
-        loss, _ = dynabert_loss(out, teacher_out, batch["attention_mask"], *lambdas)
-        engine.backward(loss, scale_wrt_gas=False)
-        engine.step()  # the optimizer steps after the last width (the accumulation boundary)
-        losses[f"loss@{width:g}"] = loss.detach()
+        if nets.teacher_masks is None:
+            out = nets.teacher(**batch, output_hidden_states=True)
+            return dict.fromkeys(nets.widths, out)
+        outputs = {}
+        for width in nets.widths:
+            set_width(nets.teacher_masks, width)
+            outputs[width] = nets.teacher(**batch, output_hidden_states=True)
+        return outputs
+
+
+def train_step(engine, nets: Networks, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One optimizer step: each (depth, width)'s loss back-propagated in turn, the engine accumulating (summing) over
+    them -> {"loss@wW_dD": each one's loss}. The hard labels are not used (their L164, L185)."""
+    batch = {k: v.to(engine.device) for k, v in batch.items() if k != "labels"}
+    teacher_out, num_layers, losses = teacher_outputs(nets, batch), nets.teacher.config.num_layers, {}
+    for depth, width in itertools.product(nets.depths, nets.widths):
+        layers = kept_layers(num_layers, depth)
+        set_width(nets.masks, width)
+        with depth_of(engine.module, layers):
+            out = engine(**batch, output_hidden_states=True)
+            loss = dynabert_loss(out, teacher_out[width], [*layers, num_layers], batch["attention_mask"],
+                                 *nets.lambdas)
+            engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # all layers back: the optimizer steps (and clips) them after the last sub-network
+        losses[f"loss@{name(width, depth)}"] = loss.detach()
     return losses
 
 
-def dev_scores(model: TaskModel, masks: Importance, widths: list[float], task, data, batch_size: int,
-               pad_id: int, step: int) -> dict[str, float]:
-    """Dev score of every width's sub-network, by width."""
+def name(width: float, depth: float) -> str:
+    return f"w{width:g}_d{depth:g}"
+
+
+def dev_scores(model: TaskModel, nets: Networks, task, data, batch_size: int, pad_id: int, step: int) -> dict[str, float]:
+    """Dev score of every (width, depth)'s sub-network, by name."""
     scores = {}
-    for width in widths:
-        set_width(masks, width)
-        scores[f"{width:g}"] = evaluate(model, task, data, batch_size, pad_id, step)["score"]
+    for depth in nets.depths:
+        with depth_of(model, kept_layers(model.config.num_layers, depth)):
+            for width in nets.widths:
+                set_width(nets.masks, width)
+                scores[name(width, depth)] = evaluate(model, task, data, batch_size, pad_id, step)["score"]
     return scores
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """DynaBERT_W's settings (defaults: the authors' README step 2)."""
+    """DynaBERT_W's settings, or with depths DynaBERT's (defaults: the authors' README steps 2 and 3)."""
 
     model: str
-    """Finetuned teacher dir (minimoe-finetune's RUN/model), the student's initialisation too."""
+    """Finetuned teacher dir (minimoe-finetune's RUN/model), the student's initialisation too; with depths other
+    than 1.0, a dir written by DynaBERT_W's training (their step 3: teacher and initialisation)."""
     output: str
-    """Dir for the trained width-adaptive model (rewired, all widths in one) and dynabert.json."""
+    """Dir for the trained model (rewired, all sub-networks in one) and dynabert.json."""
     task: str
     """The task the model was finetuned on (a classification task)."""
     data_dir: str
     """The task's folder, or one holding it as TASK/ or glue/TASK/."""
     widths: list[float] = dataclasses.field(default_factory=lambda: list(WIDTHS))
     """Width multipliers trained, each in (0, 1]."""
+    depths: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    """Depth multipliers trained: [1.0] is DynaBERT_W (stage 1); others, e.g. 0.5, 0.75, 1.0, DynaBERT (stage 2)."""
     epochs: float = 3.0
     lr: float = 2e-5
     """AdamW's peak rate, decayed linearly to 0 (no warmup, as theirs with --warmup_steps 0)."""
@@ -190,18 +247,24 @@ class TrainConfig:
     max_examples: int | None = None
     """Train (and score importance) on the first N training examples; None = all."""
     lambda_logit: float = 1.0
-    lambda_hidden: float = 0.1
+    """Their width_lambda1 / depth_lambda1."""
+    lambda_hidden: float | None = None
+    """None: their width_lambda2 0.1 for DynaBERT_W, depth_lambda2 1.0 with depths."""
     max_grad_norm: float = 1.0
     seed: int = 42
 
+    @property
+    def adapts_depth(self) -> bool:
+        return self.depths != [1.0]
 
-def train_loop(engine, teacher: TaskModel, masks: Importance, loader: DataLoader, total_steps: int,
-               widths: list[float], lambdas: tuple[float, float]) -> list[dict]:
+
+def train_loop(engine, nets: Networks, loader: DataLoader, total_steps: int) -> list[dict]:
     """`total_steps` train_steps, epoch after epoch of `loader`; -> each step's losses."""
     history = []
-    for step, batch in enumerate(itertools.chain.from_iterable(itertools.repeat(loader)), start=1):
+    batches_ = itertools.chain.from_iterable(itertools.repeat(loader))
+    for step, batch in enumerate(tqdm(batches_, total=total_steps, desc="dynabert"), start=1):
         engine.train()
-        losses = train_step(engine, teacher, masks, batch, widths, lambdas)
+        losses = train_step(engine, nets, batch)
         losses = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))  # one sync
         check_finite(losses, step)
         history.append({"step": step, **losses})
@@ -209,40 +272,65 @@ def train_loop(engine, teacher: TaskModel, masks: Importance, loader: DataLoader
             return history
 
 
+def is_full(config) -> bool:
+    """Every layer with the config's heads and FFN width (not pruned; a rewired model is full)."""
+    return all(config.heads_of(i) == config.num_heads and config.intermediate_size_of(i) == config.intermediate_size
+               for i in range(config.num_layers))
+
+
+def check_teacher(config: TrainConfig, teacher: TaskModel, task) -> None:
+    if task.kind != "classification":
+        raise InputError(f"--task {task.name}: a {task.kind} task; DynaBERT distils classification logits here")
+    if not is_full(teacher.config):
+        raise InputError(f"{config.model}: a pruned model; DynaBERT starts from a full finetuned model")
+    if config.adapts_depth and not (Path(config.model) / "dynabert.json").is_file():
+        raise InputError(f"--depths {config.depths}: DynaBERT's depth stage starts from a DynaBERT_W dir; train one "
+                         f"first (minimoe-dynabert train {config.model} DIR --task {task.name} ...)")
+    for width in config.widths:
+        check_multiplier("--widths", width, teacher.config.num_heads, "head")
+    for depth in config.depths:
+        check_multiplier("--depths", depth, teacher.config.num_layers, "layer")
+
+
 def train(config: TrainConfig) -> dict:
-    """Score, rewire, train DynaBERT_W; write config.output (model, tokenizer, dynabert.json); -> the summary."""
+    """DynaBERT_W: score, rewire and train width-adaptively; with depths, DynaBERT: train a DynaBERT_W dir
+    width- and depth-adaptively (no rewiring: their L551). Writes config.output (model, tokenizer,
+    dynabert.json); -> the summary."""
     task = get_task(config.task)
     check_max_seq_length(config.max_seq_length, config.model)
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
     teacher, tokenizer = load_finetuned(config.model, task), load_tokenizer(config.model)
-    if task.kind != "classification":
-        raise InputError(f"--task {task.name}: a {task.kind} task; DynaBERT distils classification logits here")
-    if teacher.config.is_pruned:
-        raise InputError(f"{config.model}: a pruned model; DynaBERT starts from a full finetuned model")
-    for width in config.widths:
-        check_multiplier("--widths", width, teacher.config.num_heads, "head")
+    check_teacher(config, teacher, task)
     pad = tokenizer.pad_token_id
     data = load_task_data(task, config.data_dir, tokenizer, config.max_seq_length, config.max_examples)
-    scores = importance(teacher, batches(data.train, pad, config.batch_size))  # teacher: eval, frozen
-    student = rewired(teacher, scores).train()
-    widths = sorted(config.widths, reverse=True)  # the widest first, as theirs (L145)
+    if config.adapts_depth:
+        scores, student = None, load_finetuned(config.model, task)
+    else:
+        scores = importance(teacher, batches(data.train, pad, config.batch_size))  # teacher: eval, frozen
+        student = rewired(teacher, scores)
+    teacher.eval().requires_grad_(False)
 
     init_single_process()
     init_distributed()
     sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(config.seed))
     loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda f: collate(f, pad))
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    widths, depths = sorted(config.widths, reverse=True), sorted(config.depths, reverse=True)
     ds_config = {**deepspeed_config(None, config.batch_size, config.max_grad_norm),
-                 "gradient_accumulation_steps": len(widths)}
-    engine = build_engine(student, ds_config, config.lr, 0.0, LinearSchedule(0, total_steps))
+                 "gradient_accumulation_steps": len(widths) * len(depths)}
+    engine = build_engine(student.train(), ds_config, config.lr, 0.0, LinearSchedule(0, total_steps))
     teacher.to(engine.device)
-    masks = width_masks(engine.module, engine.device)
-    before = dev_scores(engine.module, masks, widths, task, data, 2 * config.batch_size, pad, 0)
-    history = train_loop(engine, teacher, masks, loader, total_steps, widths, (config.lambda_logit, config.lambda_hidden))
-    after = dev_scores(engine.module, masks, widths, task, data, 2 * config.batch_size, pad, total_steps)
-    summary = {"config": dataclasses.asdict(config), "steps": total_steps, "dev_before": before, "dev_after": after,
-               "importance": {"heads": [s.tolist() for s in scores.heads],
-                              "neurons": [s.tolist() for s in scores.neurons]}, "losses": history}
+    lambda_hidden = config.lambda_hidden if config.lambda_hidden is not None else 1.0 if config.adapts_depth else 0.1
+    nets = Networks(teacher, width_masks(engine.module, engine.device),
+                    width_masks(teacher, engine.device) if config.adapts_depth else None, widths, depths,
+                    (config.lambda_logit, lambda_hidden))
+    before = dev_scores(engine.module, nets, task, data, 2 * config.batch_size, pad, 0)
+    history = train_loop(engine, nets, loader, total_steps)
+    after = dev_scores(engine.module, nets, task, data, 2 * config.batch_size, pad, total_steps)
+    summary = {"config": dataclasses.asdict(config), "lambda_hidden": lambda_hidden, "steps": total_steps,
+               "dev_before": before, "dev_after": after, "losses": history,
+               "importance": None if scores is None else {"heads": [s.tolist() for s in scores.heads],
+                                                           "neurons": [s.tolist() for s in scores.neurons]}}
     save_model(engine.module, tokenizer, Path(config.output))
     write_json(Path(config.output) / "dynabert.json", summary)
     return summary
@@ -271,11 +359,11 @@ def check_multiplier(flag: str, value: float, units: int, unit: str) -> None:
         raise InputError(f"{flag} {value:g}: must be in (0, 1] and keep at least one {unit} of {units}")
 
 
-def parse_widths(text: str) -> list[float]:
+def parse_multipliers(flag: str, text: str) -> list[float]:
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0.25,0.5,0.75,1.0") from None
+        raise InputError(f"{flag} {text}: comma-separated numbers, e.g. 0.25,0.5,0.75,1.0") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -288,15 +376,19 @@ def parser() -> argparse.ArgumentParser:
     train_parser.add_argument("output", help="output dir for the width-adaptive model")
     train_parser.add_argument("--task", required=True, help="the task the model was finetuned on (a classification task)")
     train_parser.add_argument("--data-dir", required=True, help="the task's folder, or one holding it as TASK/ or glue/TASK/")
-    train_parser.add_argument("--widths", type=parse_widths, default=defaults.widths,
+    train_parser.add_argument("--widths", default=",".join(f"{w:g}" for w in WIDTHS),
                               help="width multipliers trained, comma-separated (default: DynaBERT's 0.25,0.5,0.75,1.0)")
+    train_parser.add_argument("--depths", default="1",
+                              help="depth multipliers trained, comma-separated (default 1.0: DynaBERT_W; DynaBERT's "
+                              "stage 2: 0.5,0.75,1.0, from a DynaBERT_W dir)")
     for flag, kind, help_text in (
             ("--epochs", float, "training epochs (DynaBERT: 3)"), ("--lr", float, "AdamW learning rate (DynaBERT: 2e-5)"),
             ("--batch-size", int, "examples per step (DynaBERT: 32)"),
             ("--max-seq-length", int, "tokens per example after truncation (DynaBERT: 128)"),
             ("--max-examples", int, "train and score importance on the first N training examples (default: all)"),
             ("--lambda-logit", float, "weight of the logit distillation loss (DynaBERT's width_lambda1: 1.0)"),
-            ("--lambda-hidden", float, "weight of the hidden-state MSE (DynaBERT's width_lambda2: 0.1)"),
+            ("--lambda-hidden", float, "weight of the hidden-state MSE (default: DynaBERT's width_lambda2 0.1, with "
+             "--depths its depth_lambda2 1.0)"),
             ("--max-grad-norm", float, "gradient clipping of the accumulated gradient (DynaBERT: 1.0)"),
             ("--seed", int, "seed of the data order, dropout and initialisation (DynaBERT: 42)")):
         name = flag.removeprefix("--").replace("-", "_")
@@ -311,14 +403,15 @@ def parser() -> argparse.ArgumentParser:
 
 def check_train(config: TrainConfig) -> None:
     """InputError for a width outside (0, 1] or a count or rate out of range, before any work."""
-    if not config.widths or not all(0 < w <= 1 for w in config.widths):
-        raise InputError(f"--widths {config.widths}: each must be in (0, 1]")
+    for flag, values in (("--widths", config.widths), ("--depths", config.depths)):
+        if not values or not all(0 < v <= 1 for v in values):
+            raise InputError(f"{flag} {','.join(f'{v:g}' for v in values)}: each must be in (0, 1]")
     for flag, value in (("--epochs", config.epochs), ("--lr", config.lr), ("--batch-size", config.batch_size),
                         ("--max-seq-length", config.max_seq_length), ("--max-grad-norm", config.max_grad_norm),
                         ("--max-examples", config.max_examples or 1)):
         if value <= 0:
             raise InputError(f"{flag} {value:g}: must be > 0")
-    for flag, value in (("--lambda-logit", config.lambda_logit), ("--lambda-hidden", config.lambda_hidden)):
+    for flag, value in (("--lambda-logit", config.lambda_logit), ("--lambda-hidden", config.lambda_hidden or 0)):
         if value < 0:
             raise InputError(f"{flag} {value:g}: must be >= 0")
     check_output_dir(config.output, "output")
@@ -329,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     try:
         if command == "train":
-            config = TrainConfig(**args)
+            config = TrainConfig(**{**args, "widths": parse_multipliers("--widths", args["widths"]),
+                                    "depths": parse_multipliers("--depths", args["depths"])})
             check_train(config)
             summary = train(config)
             print(f"dev by width, before -> after: {json.dumps(summary['dev_before'])} -> "

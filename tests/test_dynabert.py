@@ -12,8 +12,8 @@ from test_finetune import SST2_SLICE, one_process_group, tokenizer  # noqa: F401
 from test_pkd import tiny_bert
 from test_prune import synthetic_batches
 
-from pipeline.dynabert import (WIDTHS, dynabert_loss, kept_layers, kept_units, main, rewired, set_width, subnetwork,
-                               train_step, width_masks)
+from pipeline.dynabert import (WIDTHS, Networks, depth_of, dynabert_loss, kept_layers, kept_units, main, rewired,
+                               set_width, subnetwork, train_step, width_masks)
 from pipeline.models import StudentConfig, StudentForSequenceClassification
 from pipeline.models.hf_export import load_student_head
 from pipeline.optim import LinearSchedule, build_engine
@@ -85,22 +85,27 @@ def test_the_subnetwork_equals_one_built_by_hand():
 
 
 @pytest.mark.parametrize("width", WIDTHS)
-def test_the_training_masks_compute_the_exported_subnetwork(width):
-    model = tiny(intermediate_size=130)  # 130 neurons: int(w x 130) is not w x 130
+@pytest.mark.parametrize("depth", [1.0, 0.5])
+def test_the_training_masks_and_depth_compute_the_exported_subnetwork(width, depth):
+    model = tiny(num_layers=4, intermediate_size=130)  # 130 neurons: int(w x 130) is not w x 130
     masks = width_masks(model, torch.device("cpu"))
     set_width(masks, width)
-    small = subnetwork(model, width, 1.0)
-    assert small.config.layer_intermediate_sizes == [int(round(4 * width) / 4 * 130)] * 2
+    small = subnetwork(model, width, depth)
+    assert small.config.layer_intermediate_sizes == [int(round(4 * width) / 4 * 130)] * round(4 * depth)
     for batch in synthetic_batches(2):
-        torch.testing.assert_close(logits(model, batch), logits(small, batch), atol=1e-5, rtol=0)
+        with depth_of(model, kept_layers(4, depth)):
+            masked_logits = logits(model, batch)
+        torch.testing.assert_close(masked_logits, logits(small, batch), atol=1e-5, rtol=0)
+    assert len(model.student.layers) == 4  # restored
 
 
-def test_one_step_equals_plain_torch_accumulating_every_widths_gradient(one_process_group):
-    """The engine step (the widths accumulated by DeepSpeed) against the authors' loop in plain torch:
-    loss.backward() per width, one AdamW step; dropout off. The gradients the optimizer sees are compared too
-    (AdamW's first step hardly depends on their scale): summed over the widths, not averaged. Clipping is
-    off here, so that a sum and a mean would differ."""
-    teacher = tiny(dropout=0.0).requires_grad_(False)
+@pytest.mark.parametrize("depths", [[1.0], [1.0, 0.5]])
+def test_one_step_equals_plain_torch_accumulating_every_subnetworks_gradient(depths, one_process_group):
+    """The engine step (the sub-networks accumulated by DeepSpeed) against the authors' loop in plain torch:
+    loss.backward() per sub-network, one AdamW step; dropout off. The gradients the optimizer sees are compared
+    too (AdamW's first step hardly depends on their scale): summed, not averaged. Clipping is off here, so that a
+    sum and a mean would differ. With depths, the teacher runs at each student width (DynaBERT's stage 2)."""
+    teacher = tiny(num_layers=4, dropout=0.0).requires_grad_(False)
     student = rewired(teacher, importance(copy.deepcopy(teacher), iter(synthetic_batches(2)))).train()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -109,22 +114,30 @@ def test_one_step_equals_plain_torch_accumulating_every_widths_gradient(one_proc
     reference, teacher_before = copy.deepcopy(student), copy.deepcopy(teacher)
     batch = synthetic_batches(1, seed=3)[0]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    widths, lambdas = sorted(WIDTHS, reverse=True), (1.0, 0.1)
 
-    ds_config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": len(WIDTHS),
+    ds_config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": len(WIDTHS) * len(depths),
                  "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
     engine = build_engine(student, ds_config, 1e-3, 0.0, LinearSchedule(0, 10))
     seen = []
     engine.optimizer.register_step_pre_hook(
         lambda *_: seen.extend(p.grad.clone() for p in engine.module.parameters()))
-    train_step(engine, teacher, width_masks(engine.module, engine.device), batch, sorted(WIDTHS, reverse=True), (1.0, 0.1))
+    teacher_masks = width_masks(teacher, torch.device("cpu")) if len(depths) > 1 else None
+    nets = Networks(teacher, width_masks(engine.module, engine.device), teacher_masks, widths, depths, lambdas)
+    train_step(engine, nets, batch)
 
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0)
     masks = width_masks(reference, torch.device("cpu"))
-    teacher_out = teacher(**inputs, output_hidden_states=True)
-    for width in sorted(WIDTHS, reverse=True):
-        set_width(masks, width)
-        dynabert_loss(reference(**inputs, output_hidden_states=True), teacher_out, inputs["attention_mask"],
-                      1.0, 0.1)[0].backward()
+    for depth in depths:
+        layers = kept_layers(4, depth)
+        for width in widths:
+            if teacher_masks is not None:
+                set_width(teacher_masks, width)
+            teacher_out = teacher(**inputs, output_hidden_states=True)
+            set_width(masks, width)
+            with depth_of(reference, layers):
+                out = reference(**inputs, output_hidden_states=True)
+            dynabert_loss(out, teacher_out, [*layers, 4], inputs["attention_mask"], *lambdas).backward()
     expected = [p.grad.clone() for p in reference.parameters()]
     optimizer.step()
     names = [name for name, _ in reference.named_parameters()]
@@ -144,7 +157,15 @@ def test_train_then_export_end_to_end(tmp_path, tokenizer, one_process_group):
                  "--max-examples", "64", "--max-seq-length", "32", "--epochs", "1", "--lr", "1e-3",
                  "--batch-size", "16"]) == 0
     summary = json.loads((out / "dynabert.json").read_text())
-    assert summary["steps"] == 4 and set(summary["dev_after"]) == {"1", "0.75", "0.5", "0.25"}
+    assert summary["steps"] == 4 and set(summary["dev_after"]) == {"w1_d1", "w0.75_d1", "w0.5_d1", "w0.25_d1"}
+    deep = tmp_path / "dyna_depth"
+    assert main(["train", str(out), str(deep), "--task", "sst2", "--data-dir", str(SST2_SLICE), "--depths", "0.5,1",
+                 "--widths", "0.25,1", "--max-examples", "32", "--max-seq-length", "32", "--epochs", "1",
+                 "--batch-size", "16"]) == 0
+    summary = json.loads((deep / "dynabert.json").read_text())
+    assert set(summary["dev_after"]) == {"w1_d1", "w0.25_d1", "w1_d0.5", "w0.25_d0.5"}
+    assert summary["lambda_hidden"] == 1.0 and summary["importance"] is None
+    out = deep
     assert main(["export", str(out), str(sub), "--width", "0.25", "--depth", "0.5"]) == 0
     small = load_student_head(sub, token=False)
     assert small.config.num_layers == 2 and small.config.layer_heads == [1, 1]
@@ -154,7 +175,9 @@ def test_train_then_export_end_to_end(tmp_path, tokenizer, one_process_group):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--widths", "0.5,1.5"], "--widths"),
+    (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--widths", "0.5,1.5"], "--widths 0.5,1.5: each"),
+    (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--depths", "0"], "--depths 0: each"),
+    (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--widths", "a,b"], "comma-separated numbers"),
     (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--lr", "0"], "--lr 0: must be > 0"),
     (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--lambda-hidden", "-1"], "--lambda-hidden -1"),
 ])
@@ -163,6 +186,14 @@ def test_bad_training_flags_are_one_line_errors(argv, message, tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_the_depth_stage_needs_a_dynabert_w_dir(tmp_path, tokenizer, capsys):
+    teacher_dir = tiny_bert(tmp_path / "teacher", tokenizer, layers=4, hidden=64)
+    assert main(["train", str(teacher_dir), str(tmp_path / "o"), "--task", "sst2", "--data-dir", str(SST2_SLICE),
+                 "--depths", "0.5,1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DynaBERT_W dir" in err and "\n" not in err
 
 
 def test_bad_export_flags_are_one_line_errors(tmp_path, tokenizer, capsys):
