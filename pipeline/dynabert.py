@@ -261,15 +261,14 @@ class TrainConfig:
 def train_loop(engine, nets: Networks, loader: DataLoader, total_steps: int) -> list[dict]:
     """`total_steps` train_steps, epoch after epoch of `loader`; -> each step's losses."""
     history = []
-    batches_ = itertools.chain.from_iterable(itertools.repeat(loader))
-    for step, batch in enumerate(tqdm(batches_, total=total_steps, desc="dynabert"), start=1):
+    steps = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), total_steps)
+    for step, batch in enumerate(tqdm(steps, total=total_steps, desc="dynabert"), start=1):
         engine.train()
         losses = train_step(engine, nets, batch)
         losses = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))  # one sync
         check_finite(losses, step)
         history.append({"step": step, **losses})
-        if step == total_steps:
-            return history
+    return history
 
 
 def is_full(config) -> bool:
