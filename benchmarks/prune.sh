@@ -3,11 +3,12 @@
 # all-MiniLM-L6-v2 (6L;384H) finetuned on RTE is the teacher; minimoe-prune cuts it to 15% and 5% of its
 # transformer-layer parameters (scored on all of RTE's training set); each pruned student is then finetuned with
 # task KD from the teacher (minimoe-finetune --teacher: alpha 0.5, T 1, the KD defaults) and, for reference,
-# without it, all with the teacher's recipe (2 epochs, lr 1e-4, batch 32, dev after each epoch). A finished
-# step is not rerun.
+# without it, all with the teacher's recipe (2 epochs, lr 1e-4, batch 32, dev after each epoch). The two
+# shares run side by side, one core each. A finished step is not rerun.
 #   OUT=out/prune DATA=../shared/data/glue bash benchmarks/prune.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
 OUT=${OUT:-out/prune}
 DATA=${DATA:-../shared/data/glue}
 TEACHER=$(python -c "from minimoe_common.tokenizer import packaged_teacher_dir; print(packaged_teacher_dir())")
@@ -18,12 +19,15 @@ once() {  # OUTPUT FLAGS...: one finetune, unless OUTPUT holds its results
   [[ -f $output/results.json ]] || python -m pipeline.finetune --output "$output" "${recipe[@]}" "$@"
 }
 once "$OUT/teacher" --model "$TEACHER"
-for keep in 15 5; do
-  [[ -d $OUT/pruned$keep ]] || python -m pipeline.prune "$OUT/teacher/model" "$OUT/pruned$keep" --task rte \
-    --data-dir "$DATA" --keep "$keep"
-  once "$OUT/kd$keep" --model "$OUT/pruned$keep" --teacher "$OUT/teacher/model"
-  once "$OUT/ft$keep" --model "$OUT/pruned$keep"
-done
+students() {  # KEEP: prune to KEEP%, then finetune with and without KD
+  [[ -d $OUT/pruned$1 ]] || python -m pipeline.prune "$OUT/teacher/model" "$OUT/pruned$1" --task rte \
+    --data-dir "$DATA" --keep "$1"
+  once "$OUT/kd$1" --model "$OUT/pruned$1" --teacher "$OUT/teacher/model"
+  once "$OUT/ft$1" --model "$OUT/pruned$1"
+}
+students 15 > "$OUT/keep15.log" 2>&1 & first=$!
+students 5 > "$OUT/keep5.log" 2>&1 & second=$!
+wait "$first"; wait "$second"
 python -m pipeline.report compute "$TEACHER" "$OUT/pruned15" "$OUT/pruned5" --no-throughput
 python - "$OUT" <<'PY'
 import json, sys
