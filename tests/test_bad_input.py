@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -120,6 +121,34 @@ def test_suite_shows_progress_and_baseline_reuses_its_recipe_and_refuses_another
     assert other.stderr.strip().splitlines()[-1] == (
         f"error: {out / 'tiny' / 'sst2' / 'results.json'}: trained with another recipe (--lr [5e-05] -> [0.0001]); "
         f"use another --output, or delete {out / 'tiny' / 'sst2'} to retrain")
+
+
+def test_a_suite_killed_mid_task_keeps_its_finished_tasks_and_restarts_the_killed_one(tmp_path, tiny_student):
+    """SIGKILL as soon as the second task (RTE) has started: the rerun reuses SST-2's results untouched (same
+    bytes, same mtime, nothing trained) and trains RTE from the start, to the table of both."""
+    data, out = sst2_and_rte(tmp_path / "data"), tmp_path / "suite"
+    suite = [sys.executable, "-m", "pipeline.finetune", "suite", "--model", f"tiny={tiny_student}", "--data-dir",
+             str(data), "--output", str(out), "--tasks", "sst2", "rte", "--epochs", "3", "--batch-size", "2",
+             "--max-seq-length", "16"]
+    killed = subprocess.Popen(suite, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "tiny" / "rte").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, "the suite ended before RTE started"
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait()
+    finished = out / "tiny" / "sst2" / "results.json"
+    before = (finished.read_bytes(), finished.stat().st_mtime_ns)
+    assert not (out / "tiny" / "rte" / "results.json").exists()
+
+    again = run_module("pipeline.finetune", *suite[3:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rte: best dev acc" in again.stderr and "sst2: best dev" not in again.stderr
+    assert (finished.read_bytes(), finished.stat().st_mtime_ns) == before
+    rte = json.loads((out / "tiny" / "rte" / "results.json").read_text())
+    assert [h["step"] for h in rte["history"]] == [4, 8, 12]  # 8 rows / batch 2 per epoch, from step 0
+    table = (out / "results.md").read_text()
+    assert re.search(r"^\| tiny \| .* \| \d+\.\d \| - \| - \| - \| - \| - \| \d+\.\d \| \d+\.\d \| - \| - \|$", table, re.M), table
 
 
 def test_non_finite_regression_labels_name_the_file_and_line(tmp_path):
