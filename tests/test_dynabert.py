@@ -4,7 +4,6 @@ sub-network, one engine step against plain torch accumulating the widths (their 
 and its refusals."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
