@@ -14,9 +14,9 @@ DATA=${DATA:-../shared/data/glue}
 TEACHER=${TEACHER:-out/prune/teacher/model}
 recipe=(--task rte --data-dir "$DATA" --epochs 1 --lr 1e-4 --batch-size 32)
 mkdir -p "$OUT"
-[[ -d $OUT/dynabert_w ]] || python -m pipeline.dynabert train "$TEACHER" "$OUT/dynabert_w" "${recipe[@]}" --max-examples 640
+[[ -d $OUT/dynabert_w ]] || python -m pipeline.baselines.dynabert train "$TEACHER" "$OUT/dynabert_w" "${recipe[@]}" --max-examples 640
 for width in 0.5 0.25; do
-  [[ -d $OUT/w$width ]] || python -m pipeline.dynabert export "$OUT/dynabert_w" "$OUT/w$width" --width "$width"
+  [[ -d $OUT/w$width ]] || python -m pipeline.baselines.dynabert export "$OUT/dynabert_w" "$OUT/w$width" --width "$width"
   [[ -f $OUT/kd_w$width/results.json ]] || python -m pipeline.finetune --output "$OUT/kd_w$width" "${recipe[@]}" \
     --max-train-examples 640 --model "$OUT/w$width" --teacher "$TEACHER"
 done

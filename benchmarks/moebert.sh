@@ -22,7 +22,7 @@ once() {  # OUTPUT FLAGS...: one finetune, unless OUTPUT holds its results
 }
 if [[ ! -d $OUT/student ]]; then
   start=$SECONDS
-  python -m pipeline.moebert "$TEACHER_RUN/model" "$OUT/student" --task rte --data-dir "$DATA" \
+  python -m pipeline.baselines.moebert "$TEACHER_RUN/model" "$OUT/student" --task rte --data-dir "$DATA" \
     --experts 4 --expert-size 384 --shared 256
   echo "conversion: $((SECONDS - start)) s"
 fi

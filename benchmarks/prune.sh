@@ -20,7 +20,7 @@ once() {  # OUTPUT FLAGS...: one finetune, unless OUTPUT holds its results
 }
 once "$OUT/teacher" --model "$TEACHER"
 students() {  # KEEP: prune to KEEP%, then finetune with and without KD
-  [[ -d $OUT/pruned$1 ]] || python -m pipeline.prune "$OUT/teacher/model" "$OUT/pruned$1" --task rte \
+  [[ -d $OUT/pruned$1 ]] || python -m pipeline.baselines.prune "$OUT/teacher/model" "$OUT/pruned$1" --task rte \
     --data-dir "$DATA" --keep "$1"
   once "$OUT/kd$1" --model "$OUT/pruned$1" --teacher "$OUT/teacher/model"
   once "$OUT/ft$1" --model "$OUT/pruned$1"

@@ -30,7 +30,7 @@ def route_library_logs() -> None:
     # torch warns on DeepSpeed's calls of its old collective names, once per rank and step kind.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
-    # torch's Linear init on a layer that pruning left without heads or neurons (pipeline.prune): nothing to init.
+    # torch's Linear init on a layer that pruning left without heads or neurons (pipeline.baselines.prune): nothing to init.
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op", category=UserWarning)
     from transformers.utils import logging as hf_logging
 

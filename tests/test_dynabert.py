@@ -1,4 +1,4 @@
-"""minimoe-dynabert (pipeline.dynabert): rewiring is exact and sorts the importance, the authors' width / depth
+"""minimoe-dynabert (pipeline.baselines.dynabert): rewiring is exact and sorts the importance, the authors' width / depth
 arithmetic, the exported sub-network against one built by hand, the training masks against the exported
 sub-network, one engine step against plain torch accumulating the widths (their loop), the command end to end
 and its refusals."""
@@ -11,12 +11,12 @@ from test_finetune import SST2_SLICE, one_process_group, tokenizer  # noqa: F401
 from test_pkd import tiny_bert
 from test_prune import synthetic_batches
 
-from pipeline.dynabert import (WIDTHS, Networks, depth_of, dynabert_loss, kept_layers, kept_units, main, rewired,
+from pipeline.baselines.dynabert import (WIDTHS, Networks, depth_of, dynabert_loss, kept_layers, kept_units, main, rewired,
                                set_width, subnetwork, train_step, width_masks)
 from pipeline.models import StudentConfig, StudentForSequenceClassification
 from pipeline.models.hf_export import load_student_head
 from pipeline.optim import LinearSchedule, build_engine
-from pipeline.prune import importance
+from pipeline.baselines.prune import importance
 
 
 def tiny(**overrides) -> StudentForSequenceClassification:

@@ -1,4 +1,4 @@
-"""minimoe-moebert (pipeline.moebert) and minimoe-finetune --moebert-distill: the importance against the authors'
+"""minimoe-moebert (pipeline.baselines.moebert) and minimoe-finetune --moebert-distill: the importance against the authors'
 per-example weight-gradient loop, the split by hand, experts of the whole FFN giving the teacher's logits (and
 smaller ones, in eval, the teacher cut to expert 0's neurons), the distillation loss by hand, the written dir
 distilled through the real engine, and the one-line refusals."""
@@ -17,8 +17,8 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.run import distillation_loss
 from pipeline.models import StudentForSequenceClassification
 from pipeline.models.hf_export import load_student_head
-from pipeline.moebert import expert_neurons, main, moebert_student, neuron_importance
-from pipeline.prune import pruned
+from pipeline.baselines.moebert import expert_neurons, main, moebert_student, neuron_importance
+from pipeline.baselines.prune import pruned
 from pipeline.tasks import get_task
 
 
@@ -115,7 +115,7 @@ def test_experts_of_the_whole_ffn_compute_the_teacher(tmp_path, tokenizer, exper
 
 def test_smaller_experts_start_as_the_teacher_cut_to_expert_zero(tmp_path, tokenizer):
     """In eval the zero router's logits tie and every token goes to expert 0: the student equals the teacher
-    pruned to expert 0's neurons in each layer (pipeline.prune.pruned, every head kept)."""
+    pruned to expert 0's neurons in each layer (pipeline.baselines.prune.pruned, every head kept)."""
     directory = bert_head(tmp_path / "bert", tokenizer)
     dense = load_student_head(directory, token=False).eval()
     neurons = [expert_neurons(torch.randn(128), 4, 40, 24) for _ in range(2)]

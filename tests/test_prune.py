@@ -1,4 +1,4 @@
-"""minimoe-prune (pipeline.prune): first-order Taylor importance against finite differences, the kept share of
+"""minimoe-prune (pipeline.baselines.prune): first-order Taylor importance against finite differences, the kept share of
 transformer-layer parameters by hand, nothing pruned = the teacher's logits, the least important head mattering
 less than the most important, the written dir loading in a fresh process, the refusals, and the KD finetune of
 a pruned student from its teacher through the real engine."""
@@ -16,7 +16,7 @@ from test_pkd import tiny_bert
 from pipeline.finetune import main as finetune_main
 from pipeline.models import StudentConfig, StudentForSequenceClassification
 from pipeline.models.hf_export import load_student_head
-from pipeline.prune import budget, importance, layer_param_sizes, layer_params, main, pruned, top_units
+from pipeline.baselines.prune import budget, importance, layer_param_sizes, layer_params, main, pruned, top_units
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -94,11 +94,11 @@ class StudentConfig(PreTrainedConfig):
     `Student.ffn_linears()`, e.g. "layers.0.ffn.fc1") -> rank r; that Linear(in, out) becomes
     LowRankLinear: Linear(in, r, bias=False) then Linear(r, out). None = all full-rank."""
     layer_heads: list[int] | None = None
-    """Attention heads of each layer (written by pipeline.prune, which removes heads): Q/K/V are
+    """Attention heads of each layer (written by pipeline.baselines.prune, which removes heads): Q/K/V are
     heads x head size wide, the head size staying hidden_size / num_heads; 0 leaves the layer's attention
     to its output bias. None = num_heads in every layer."""
     layer_intermediate_sizes: list[int] | None = None
-    """FFN inner width of each layer (written by pipeline.prune, which removes neurons); 0 leaves the FFN to
+    """FFN inner width of each layer (written by pipeline.baselines.prune, which removes neurons); 0 leaves the FFN to
     its output bias. None = intermediate_size in every layer."""
 
     def __post_init__(self, **kwargs: Any) -> None:

@@ -5,7 +5,7 @@ Facts from the authors' code (huawei-noah/Pretrained-Language-Model, DynaBERT/):
 - Rewiring (run_glue.py L425-444, modeling_bert.py L288-312, L332-377): each layer's heads and FFN neurons are
   sorted by importance, most important first, so that a width's sub-network is the first units of every layer.
   Their importance: |dL/d head mask| and a Taylor term of each neuron's weights, on the dev set (run_glue.py
-  L359-422). Here: pipeline.prune's first-order Taylor scores (|dL/d mask| of heads and neurons) on the task's
+  L359-422). Here: pipeline.baselines.prune's first-order Taylor scores (|dL/d mask| of heads and neurons) on the task's
   training data, so that dev stays held out.
 - Width w (modeling_bert.py L139-160, L231): round(w x heads) heads of every layer, and of its FFN
   int(round(w x heads) / heads x neurons) neurons (at least 1).
@@ -33,9 +33,9 @@ full model (prune.masked) and depths run the kept layers only, as theirs; both c
 sub-network (tests/test_dynabert.py); the engine accumulates the sub-networks' gradients
 (gradient_accumulation_steps = widths x depths, summed, not averaged, as their loss.backward() per sub-network).
 
-    python -m pipeline.dynabert train RUN/model OUT --task rte --data-dir ../shared/data/glue
-    python -m pipeline.dynabert train OUT OUT2 --task rte --data-dir ../shared/data/glue --depths 0.5,0.75,1.0
-    python -m pipeline.dynabert export OUT2 SUB --width 0.5 --depth 0.75
+    python -m pipeline.baselines.dynabert train RUN/model OUT --task rte --data-dir ../shared/data/glue
+    python -m pipeline.baselines.dynabert train OUT OUT2 --task rte --data-dir ../shared/data/glue --depths 0.5,0.75,1.0
+    python -m pipeline.baselines.dynabert export OUT2 SUB --width 0.5 --depth 0.75
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ from pipeline.models.hf_export import load_student_head
 from pipeline.models.files import check_max_seq_length
 from pipeline.objectives import _masked_mse, logit_kd_loss
 from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
-from pipeline.prune import Importance, TaskModel, batches, importance, load_finetuned, masked, pruned
+from pipeline.baselines.prune import Importance, TaskModel, batches, importance, load_finetuned, masked, pruned
 from pipeline.tasks import get_task
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # README step 2, --width_mult_list

@@ -11,7 +11,7 @@ the embeddings, pooler or classifier), the paper's GFLOPs convention; x% of them
 The output is a student dir (`StudentConfig.layer_heads` / `layer_intermediate_sizes`) with the task head:
 it finetunes as any other (`minimoe-finetune --model OUT --teacher TEACHER` is the KD_x% row).
 
-    python -m pipeline.prune RUN/model OUT --task rte --data-dir ../shared/data/glue --keep 15
+    python -m pipeline.baselines.prune RUN/model OUT --task rte --data-dir ../shared/data/glue --keep 15
 """
 from __future__ import annotations
 

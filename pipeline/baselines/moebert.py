@@ -16,7 +16,7 @@ teacher; with smaller ones, the teacher with each FFN cut to expert 0's neurons 
 expert 0) in eval, and in training, where the router's jitter breaks the tie, each token's expert is random as in
 the authors' default hash-random routing, until the router learns. Then
 
-    python -m pipeline.moebert RUN/model OUT --task rte --data-dir ../shared/data/glue --expert-size 384 --shared 256
+    python -m pipeline.baselines.moebert RUN/model OUT --task rte --data-dir ../shared/data/glue --expert-size 384 --shared 256
     minimoe-finetune --model OUT --teacher RUN/model --moebert-distill 5 --task rte ...   # the layer-wise distillation
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pipeline.finetune.scoring import evaluate
 from pipeline.models import StudentForSequenceClassification
 from pipeline.models.files import check_max_seq_length
 from pipeline.models.hf_export import load_student_head
-from pipeline.prune import add_scoring_arguments, batches, check_scoring_arguments
+from pipeline.baselines.prune import add_scoring_arguments, batches, check_scoring_arguments
 from pipeline.tasks import Task, get_task
 
 
