@@ -8,8 +8,8 @@ Layout (CHECKPOINTS = OUTPUT/checkpoints):
     latest           the tag of the newest COMPLETE checkpoint, replaced atomically after every rank wrote
 
 A rank killed mid-save leaves `latest` on the previous checkpoint, and the resumed run writes that step's
-directory anew. A checkpoint damaged later (a truncated or
-overwritten file) fails its checksums on resume, which then falls back to the newest intact one, saying so.
+directory anew. A checkpoint damaged later (a truncated or overwritten file) fails its checksums on resume,
+which then falls back to the newest intact one, saying so.
 """
 from __future__ import annotations
 
