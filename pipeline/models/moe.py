@@ -100,8 +100,8 @@ def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None
 
 class _GatherRows(torch.autograd.Function):
     """x.index_select(0, rows) for distinct rows, whose backward puts each gradient row back with index_copy:
-    autograd's own backward, an index_add that allows repeated rows, is ~20x slower on CPU (4096 x 384:
-    38 ms vs 2 ms, BENCHMARKS.md)."""
+    autograd's own backward, an index_add that allows repeated rows, is ~13x slower on CPU (4096 x 384:
+    38.5 ms vs 3.0 ms, BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
