@@ -15,16 +15,16 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import checkpoint  # noqa: E402
 from pipeline.data import ShardDataset, collate  # noqa: E402
 from pipeline.models import Student, StudentConfig  # noqa: E402
+from pipeline.optim import init_distributed  # noqa: E402
 
 
 def main(step_dir: Path, shards: Path, out: Path) -> None:
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed()
     state = checkpoint.read_trainer_state(step_dir)
     config = dataclasses.replace(StudentConfig.from_dict(state["student"]), dropout=0.0)
     student = Student(config, deepspeed_moe=True, ep_size=state["layout"]["ep_size"])

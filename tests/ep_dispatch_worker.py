@@ -4,16 +4,16 @@ same weights, inputs and router noise: outputs, aux loss, counts and every gradi
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 from deepspeed.moe.layer import MoE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import StudentConfig  # noqa: E402
 from pipeline.models.moe import moe_feed_forward  # noqa: E402
+from pipeline.optim import init_distributed  # noqa: E402
 
 out_dir = Path(sys.argv[-1])  # the launcher puts --local_rank=N first
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()  # (the project's: DeepSpeed's gloo init, its /dev/shm buffer unlinked once mapped)
 rank = torch.distributed.get_rank()
 config = StudentConfig(hidden_size=16, intermediate_size=32, num_heads=2, num_experts=4, dropout=0.0)
 torch.manual_seed(rank)  # each rank's experts (and inputs) differ

@@ -9,9 +9,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import Student, StudentConfig  # noqa: E402
+from pipeline.optim import init_distributed  # noqa: E402
 
 out_dir = Path(sys.argv[-1])  # the launcher puts --local_rank=N first
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()  # (the project's: DeepSpeed's gloo init, its /dev/shm buffer unlinked once mapped)
 rank = torch.distributed.get_rank()
 torch.manual_seed(rank)  # each rank's experts differ
 model = Student(StudentConfig(num_layers=2, hidden_size=24, num_heads=2, vocab_size=50, num_experts=4, dropout=0.0),

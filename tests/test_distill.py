@@ -348,11 +348,12 @@ def run_in_process(monkeypatch, args: list[str]) -> int:
 @pytest.fixture()
 def deepspeed_rank0(monkeypatch):
     """This process as rank 0 of a 1-rank gloo group, set up for DeepSpeed."""
-    import deepspeed
     import torch.distributed as dist
 
+    from pipeline.optim import init_distributed
+
     single_rank_env(monkeypatch)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     yield
     dist.destroy_process_group()
 
