@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metric = get_task(args.task).metrics[0]
     print(f"kept {sum(summary['layer_heads'])} heads and {sum(summary['layer_intermediate_sizes'])} FFN neurons: "
-          f"dev {metric} {summary['dev_before']:.2f} -> {summary['dev_after']:.2f} (untrained); transformer layers {summary['layer_params_before'] / 1e6:.2f} M -> {summary['layer_params_after'] / 1e6:.2f} M "
+          f"dev {metric} {summary['dev_before']:.2f} -> {summary['dev_after']:.2f} (untrained); transformer layers "
+          f"{summary['layer_params_before'] / 1e6:.2f} M -> {summary['layer_params_after'] / 1e6:.2f} M "
           f"({100 * summary['layer_params_after'] / summary['layer_params_before']:.1f}%), params "
           f"{summary['params_before'] / 1e6:.2f} M -> {summary['params_after'] / 1e6:.2f} M; wrote {args.output}")
     return 0
