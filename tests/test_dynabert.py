@@ -98,6 +98,29 @@ def test_the_training_masks_and_depth_compute_the_exported_subnetwork(width, dep
     assert len(model.student.layers) == 4  # restored
 
 
+def engine_seeing_gradients(model, accumulation: int):
+    """A ZeRO-0 engine over `model` (AdamW lr 1e-3, no clipping or decay, `accumulation` backward passes a step)
+    and the list its optimizer's steps fill with the gradients they see."""
+    ds_config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": accumulation,
+                 "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    engine = build_engine(model, ds_config, 1e-3, 0.0, LinearSchedule(0, 10))
+    seen = []
+    engine.optimizer.register_step_pre_hook(lambda *_: seen.extend(p.grad.clone() for p in engine.module.parameters()))
+    return engine, seen
+
+
+def assert_one_equal_step(engine, seen: list[torch.Tensor], reference) -> None:
+    """The engine took one step, on the gradients `reference` holds, to the weights of AdamW's step on those."""
+    expected = [p.grad.clone() for p in reference.parameters()]
+    torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0).step()
+    names = [name for name, _ in reference.named_parameters()]
+    assert len(seen) == len(expected)  # one optimizer step
+    for name, grad, want in zip(names, seen, expected):
+        torch.testing.assert_close(grad, want, atol=1e-7, rtol=1e-5, msg=name)
+    for name, p, q in zip(names, engine.module.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("depths", [[1.0], [1.0, 0.5]])
 def test_one_step_equals_plain_torch_accumulating_every_subnetworks_gradient(depths, one_process_group):
     """The engine step (the sub-networks accumulated by DeepSpeed) against the authors' loop in plain torch:
@@ -115,17 +138,11 @@ def test_one_step_equals_plain_torch_accumulating_every_subnetworks_gradient(dep
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     widths, lambdas = sorted(WIDTHS, reverse=True), (1.0, 0.1)
 
-    ds_config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": len(WIDTHS) * len(depths),
-                 "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
-    engine = build_engine(student, ds_config, 1e-3, 0.0, LinearSchedule(0, 10))
-    seen = []
-    engine.optimizer.register_step_pre_hook(
-        lambda *_: seen.extend(p.grad.clone() for p in engine.module.parameters()))
+    engine, seen = engine_seeing_gradients(student, len(WIDTHS) * len(depths))
     teacher_masks = width_masks(teacher, torch.device("cpu")) if len(depths) > 1 else None
     nets = Networks(teacher, width_masks(engine.module, engine.device), teacher_masks, widths, depths, lambdas)
     train_step(engine, nets, batch)
 
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0)
     masks = width_masks(reference, torch.device("cpu"))
     for depth in depths:
         layers = kept_layers(4, depth)
@@ -137,14 +154,7 @@ def test_one_step_equals_plain_torch_accumulating_every_subnetworks_gradient(dep
             with depth_of(reference, layers):
                 out = reference(**inputs, output_hidden_states=True)
             dynabert_loss(out, teacher_out, [*layers, 4], inputs["attention_mask"], *lambdas).backward()
-    expected = [p.grad.clone() for p in reference.parameters()]
-    optimizer.step()
-    names = [name for name, _ in reference.named_parameters()]
-    assert len(seen) == len(expected)  # one optimizer step
-    for name, grad, want in zip(names, seen, expected):
-        torch.testing.assert_close(grad, want, atol=1e-7, rtol=1e-5, msg=name)
-    for name, p, q in zip(names, engine.module.parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    assert_one_equal_step(engine, seen, reference)
     for p, q in zip(teacher.parameters(), teacher_before.parameters()):
         assert torch.equal(p, q)
 

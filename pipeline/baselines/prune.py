@@ -69,6 +69,23 @@ def masked(model: TaskModel) -> tuple[Importance, list[torch.utils.hooks.Removab
     return masks, handles
 
 
+def sub_network(model: TaskModel, heads: list[int], neurons: list[int]) -> TaskModel:
+    """A model of `model`'s class whose layers have `heads[i]` heads and `neurons[i]` FFN neurons, its weights
+    random: the skeleton that `prefix_call` runs on the first units of a rewired `model`."""
+    config = dataclasses.replace(model.config, layer_heads=heads, layer_intermediate_sizes=neurons)
+    return type(model)(config).to(next(model.parameters()).device)
+
+
+def prefix_call(model: TaskModel, skeleton: TaskModel, **inputs):
+    """`skeleton`'s forward on views of `model`'s parameters cut to its shapes from the front of every dim: the
+    sub-network of each layer's first heads and neurons, computed at its own size (their SparseLinear), the
+    gradients reaching `model`'s parameters. The skeleton's dropout follows `model`'s mode."""
+    shapes = {name: p.shape for name, p in skeleton.named_parameters()}
+    views = {name: p[tuple(slice(0, n) for n in shapes[name])] for name, p in model.named_parameters()}
+    skeleton.train(model.training)
+    return torch.func.functional_call(skeleton, views, kwargs=inputs)
+
+
 def importance(model: TaskModel, batches: Iterator[dict[str, torch.Tensor]]) -> Importance:
     """Sum over batches of |d(batch mean loss) / d mask| per head and neuron (MiniDisc's and Michel et al.'s
     accumulation: the absolute value per batch)."""
