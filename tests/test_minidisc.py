@@ -14,7 +14,7 @@ from test_prune import synthetic_batches
 import pipeline.baselines.minidisc as minidisc
 from pipeline.baselines.dynabert import rewired
 from pipeline.baselines.minidisc import Level, choose, cut, hidden_layers, levels, main, minidisc_loss, train_step
-from pipeline.baselines.prune import Importance, importance, masked, prefix_call, sub_network
+from pipeline.baselines.prune import Importance, importance, masked, prefix_call, pruned, sub_network
 from pipeline.finetune.data import load_task_data
 from pipeline.finetune.scoring import evaluate
 from pipeline.models.hf_export import load_student_head
@@ -56,10 +56,12 @@ def test_hidden_layers_are_every_sixth():
 @pytest.mark.parametrize("level", [Level(50, [2, 2], [61, 64]), Level(75, [2, 0], [0, 60]), Level(0, [4, 4], [128, 128])])
 def test_prefix_views_compute_the_cut_network_and_its_gradients(level):
     """Logits and every parameter's gradient of the sub-network run on prefix views of the full model = those of
-    the network cut out (pruned) by hand; the full model's units after the prefixes get no gradient. A layer
-    without heads included."""
+    the network cut out by indices (prune.pruned), which `cut` copies; the full model's units after the prefixes
+    get no gradient. A layer without heads or neurons included."""
     model = rewired(tiny(), hand_scores())
-    small = cut(model, level)
+    small = pruned(model, [torch.arange(h) for h in level.heads], [torch.arange(n) for n in level.neurons])
+    copied = cut(model, level).state_dict()
+    assert all(torch.equal(value, copied[key]) for key, value in small.state_dict().items())
     batch = {k: v for k, v in synthetic_batches(1)[0].items() if k != "labels"}
     out = prefix_call(model, sub_network(model, level.heads, level.neurons), **batch).logits
     want = small(**batch).logits

@@ -28,9 +28,9 @@ their soft cross-entropy less the teacher's entropy: the same gradient. The hidd
 with data augmentation (`--data_aug`, TinyBERT's augmented set; without it L166 trains on the hard labels); we
 distil on the task's own training set. In the depth stage their teacher stays at full width for every width
 (its width_mult is never set, though L121-127 compute its outputs once per width); the paper distils each width
-from DynaBERT_W at the same width, which we follow (the teacher masked as the student). Widths are masks on the
-full model (prune.masked) and depths run the kept layers only, as theirs; both compute exactly the exported
-sub-network (tests/test_dynabert.py); the engine accumulates the sub-networks' gradients
+from DynaBERT_W at the same width, which we follow (the teacher cut as the student). Each sub-network runs on the
+leading slices of the shared weights of its kept layers (prune.prefix_call), at its own cost, as theirs; it
+computes exactly the exported sub-network (tests/test_dynabert.py); the engine accumulates the sub-networks' gradients
 (gradient_accumulation_steps = widths x depths, summed, not averaged, as their loss.backward() per sub-network).
 
     python -m pipeline.baselines.dynabert train RUN/model OUT --task rte --data-dir ../shared/data/glue
@@ -40,14 +40,12 @@ sub-network (tests/test_dynabert.py); the engine accumulates the sub-networks' g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import random
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +64,8 @@ from pipeline.models.hf_export import load_student_head
 from pipeline.models.files import check_max_seq_length
 from pipeline.objectives import _masked_mse, logit_kd_loss
 from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
-from pipeline.baselines.prune import Importance, TaskModel, batches, importance, load_finetuned, masked, pruned
+from pipeline.baselines.prune import (Importance, TaskModel, batches, importance, load_finetuned, prefix_call, prefix_copy,
+                                      pruned, sub_network)
 from pipeline.tasks import get_task
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # README step 2, --width_mult_list
@@ -93,61 +92,18 @@ def kept_layers(num_layers: int, depth: float) -> list[int]:
     return [math.floor(i / depth) for i in range(round(depth * num_layers))]
 
 
-@torch.no_grad()
-def shallower(model: TaskModel, layers: list[int]) -> TaskModel:
-    """A model of the same class keeping only `layers` (in order), their weights unchanged."""
+def skeleton(model: TaskModel, width: float, depth: float) -> TaskModel:
+    """A `prune.sub_network` of the shape of `model`'s sub-network at `width` and `depth`."""
     config = model.config
-    config = dataclasses.replace(config, num_layers=len(layers), layer_heads=[config.heads_of(i) for i in layers],
-                                 layer_intermediate_sizes=[config.intermediate_size_of(i) for i in layers])
-    position, state = {old: new for new, old in enumerate(layers)}, {}
-    for key, value in model.state_dict().items():
-        parts = key.split(".")
-        if parts[:2] == ["student", "layers"]:
-            if int(parts[2]) not in position:
-                continue
-            parts[2] = str(position[int(parts[2])])
-        state[".".join(parts)] = value
-    smaller = type(model)(config).train(model.training)
-    smaller.load_state_dict(state)
-    return smaller
+    units = [kept_units(config.heads_of(i), config.intermediate_size_of(i), width)
+             for i in kept_layers(config.num_layers, depth)]
+    return sub_network(model, [h for h, _ in units], [n for _, n in units])
 
 
 def subnetwork(model: TaskModel, width: float, depth: float) -> TaskModel:
-    """The rewired `model`'s sub-network at `width` and `depth`: the first heads and neurons of the kept layers."""
-    config = model.config
-    units = [kept_units(config.heads_of(i), config.intermediate_size_of(i), width) for i in range(config.num_layers)]
-    narrow = pruned(model, [torch.arange(h) for h, _ in units], [torch.arange(n) for _, n in units])
-    return shallower(narrow, kept_layers(config.num_layers, depth))
-
-
-def set_width(masks: Importance, width: float) -> None:
-    """Masks (from prune.masked) that leave `width`'s sub-network: ones on each layer's first units, zeros after."""
-    with torch.no_grad():
-        for heads, neurons in zip(masks.heads, masks.neurons):
-            kept_heads, kept_neurons = kept_units(len(heads), len(neurons), width)
-            heads.zero_()[:kept_heads] = 1
-            neurons.zero_()[:kept_neurons] = 1
-
-
-def width_masks(model: TaskModel, device: torch.device) -> Importance:
-    """prune.masked's head and neuron masks on `model`, on `device`, without gradients (set by set_width)."""
-    masks, _ = masked(model)  # the hooks stay for the run
-    for mask in (*masks.heads, *masks.neurons):
-        mask.requires_grad_(False)
-        mask.data = mask.data.to(device)  # the same tensor object, which the hooks hold, moved
-    return masks
-
-
-@contextlib.contextmanager
-def depth_of(model: TaskModel, layers: list[int]) -> Iterator[None]:
-    """`model`'s encoder running only `layers` (their encoder loops over the kept layers, modeling_bert.py L430);
-    its hidden_states are then the embeddings' output and each kept layer's."""
-    full = model.student.layers
-    model.student.layers = torch.nn.ModuleList(full[i] for i in layers)
-    try:
-        yield
-    finally:
-        model.student.layers = full
+    """The rewired `model`'s sub-network at `width` and `depth` as a model of its own: the first heads and neurons
+    of the kept layers."""
+    return prefix_copy(model, skeleton(model, width, depth), kept_layers(model.config.num_layers, depth))
 
 
 def dynabert_loss(out, teacher_out, teacher_states: list[int], attention_mask: torch.Tensor, lambda_logit: float,
@@ -164,45 +120,37 @@ def dynabert_loss(out, teacher_out, teacher_states: list[int], attention_mask: t
 
 @dataclasses.dataclass
 class Networks:
-    """What a training step runs: the teacher (frozen), the width masks on student and teacher, the widths and
-    depths from the largest (their L130, L145), the two loss weights."""
+    """What a training step runs: the teacher (frozen), the skeletons of the student's sub-networks by (depth, width)
+    from the largest (their L130, L145), the two loss weights."""
 
     teacher: TaskModel
-    masks: Importance
-    teacher_masks: Importance | None
+    skeletons: dict[tuple[float, float], TaskModel]
+    teacher_skeletons: dict[float, TaskModel] | None
     """None: the teacher stays full (DynaBERT_W); else it runs at each student width (DynaBERT's stage 2)."""
-    widths: list[float]
-    depths: list[float]
     lambdas: tuple[float, float]
 
 
 def teacher_outputs(nets: Networks, batch: dict[str, torch.Tensor]) -> dict[float, object]:
     """The teacher's outputs (with hidden states) by student width."""
     with torch.no_grad():
-        if nets.teacher_masks is None:
-            out = nets.teacher(**batch, output_hidden_states=True)
-            return dict.fromkeys(nets.widths, out)
-        outputs = {}
-        for width in nets.widths:
-            set_width(nets.teacher_masks, width)
-            outputs[width] = nets.teacher(**batch, output_hidden_states=True)
-        return outputs
+        if nets.teacher_skeletons is None:
+            return dict.fromkeys([width for _, width in nets.skeletons], nets.teacher(**batch, output_hidden_states=True))
+        return {width: prefix_call(nets.teacher, sub, **batch, output_hidden_states=True)
+                for width, sub in nets.teacher_skeletons.items()}
 
 
 def train_step(engine, nets: Networks, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One optimizer step: each (depth, width)'s loss back-propagated in turn, the engine accumulating (summing) over
-    them -> {"loss@wW_dD": each one's loss}. The hard labels are not used (their L164, L185)."""
+    """One optimizer step: each (depth, width)'s sub-network (prune.prefix_call) back-propagates its loss in turn,
+    the engine accumulating (summing) over them -> {"loss@wW_dD": each one's loss}. The hard labels are not used
+    (their L164, L185)."""
     batch = {k: v.to(engine.device) for k, v in batch.items() if k != "labels"}
     teacher_out, num_layers, losses = teacher_outputs(nets, batch), nets.teacher.config.num_layers, {}
-    for depth, width in itertools.product(nets.depths, nets.widths):
+    for (depth, width), sub in nets.skeletons.items():
         layers = kept_layers(num_layers, depth)
-        set_width(nets.masks, width)
-        with depth_of(engine.module, layers):
-            out = engine(**batch, output_hidden_states=True)
-            loss = dynabert_loss(out, teacher_out[width], [*layers, num_layers], batch["attention_mask"],
-                                 *nets.lambdas)
-            engine.backward(loss, scale_wrt_gas=False)
-        engine.step()  # all layers back: the optimizer steps (and clips) them after the last sub-network
+        out = prefix_call(engine.module, sub, layers, **batch, output_hidden_states=True)
+        loss = dynabert_loss(out, teacher_out[width], [*layers, num_layers], batch["attention_mask"], *nets.lambdas)
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # the optimizer steps (and clips) after the last sub-network
         losses[f"loss@{name(width, depth)}"] = loss.detach()
     return losses
 
@@ -213,13 +161,8 @@ def name(width: float, depth: float) -> str:
 
 def dev_scores(model: TaskModel, nets: Networks, task, data, batch_size: int, pad_id: int, step: int) -> dict[str, float]:
     """Dev score of every (width, depth)'s sub-network, by name."""
-    scores = {}
-    for depth in nets.depths:
-        with depth_of(model, kept_layers(model.config.num_layers, depth)):
-            for width in nets.widths:
-                set_width(nets.masks, width)
-                scores[name(width, depth)] = evaluate(model, task, data, batch_size, pad_id, step)["score"]
-    return scores
+    return {name(width, depth): evaluate(subnetwork(model, width, depth), task, data, batch_size, pad_id, step)["score"]
+            for depth, width in nets.skeletons}
 
 
 @dataclasses.dataclass
@@ -320,9 +263,9 @@ def train(config: TrainConfig) -> dict:
     engine = build_engine(student.train(), ds_config, config.lr, 0.0, LinearSchedule(0, total_steps))
     teacher.to(engine.device)
     lambda_hidden = config.lambda_hidden if config.lambda_hidden is not None else 1.0 if config.adapts_depth else 0.1
-    nets = Networks(teacher, width_masks(engine.module, engine.device),
-                    width_masks(teacher, engine.device) if config.adapts_depth else None, widths, depths,
-                    (config.lambda_logit, lambda_hidden))
+    skeletons = {(depth, width): skeleton(engine.module, width, depth) for depth in depths for width in widths}
+    teacher_skeletons = {width: skeleton(teacher, width, 1.0) for width in widths} if config.adapts_depth else None
+    nets = Networks(teacher, skeletons, teacher_skeletons, (config.lambda_logit, lambda_hidden))
     before = dev_scores(engine.module, nets, task, data, 2 * config.batch_size, pad, 0)
     history = train_loop(engine, nets, loader, total_steps)
     after = dev_scores(engine.module, nets, task, data, 2 * config.batch_size, pad, total_steps)

@@ -57,7 +57,7 @@ from minimoe_common.cli import InputError, add_config_arguments, changed_fields,
 from minimoe_common.files import write_json
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.baselines.prune import (Importance, TaskModel, batches, budget, importance, load_finetuned, prefix_call,
-                                      pruned, sub_network, top_units)
+                                      prefix_copy, sub_network, top_units)
 from pipeline.baselines.dynabert import is_full, rewired
 from pipeline.finetune.config import deepspeed_config
 from pipeline.finetune.data import TaskData, collate, load_task_data
@@ -96,7 +96,7 @@ def levels(model: TaskModel, scores: Importance, sparsities: list[int]) -> list[
 
 def cut(model: TaskModel, level: Level) -> TaskModel:
     """The rewired `model`'s sub-network at `level`, as a model of its own (their densify)."""
-    return pruned(model, [torch.arange(h) for h in level.heads], [torch.arange(n) for n in level.neurons])
+    return prefix_copy(model, sub_network(model, level.heads, level.neurons))
 
 
 def hidden_layers(num_layers: int) -> list[int]:

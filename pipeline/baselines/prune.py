@@ -70,20 +70,39 @@ def masked(model: TaskModel) -> tuple[Importance, list[torch.utils.hooks.Removab
 
 
 def sub_network(model: TaskModel, heads: list[int], neurons: list[int]) -> TaskModel:
-    """A model of `model`'s class whose layers have `heads[i]` heads and `neurons[i]` FFN neurons, its weights
-    random: the skeleton that `prefix_call` runs on the first units of a rewired `model`."""
-    config = dataclasses.replace(model.config, layer_heads=heads, layer_intermediate_sizes=neurons)
+    """A model of `model`'s class of len(heads) layers, layer i with `heads[i]` heads and `neurons[i]` FFN neurons,
+    its weights random: a skeleton for `prefix_call` and `prefix_copy`."""
+    config = dataclasses.replace(model.config, num_layers=len(heads), layer_heads=heads,
+                                 layer_intermediate_sizes=neurons)
     return type(model)(config).to(next(model.parameters()).device)
 
 
-def prefix_call(model: TaskModel, skeleton: TaskModel, **inputs):
-    """`skeleton`'s forward on views of `model`'s parameters cut to its shapes from the front of every dim: the
-    sub-network of each layer's first heads and neurons, computed at its own size (their SparseLinear), the
-    gradients reaching `model`'s parameters. The skeleton's dropout follows `model`'s mode."""
-    shapes = {name: p.shape for name, p in skeleton.named_parameters()}
-    views = {name: p[tuple(slice(0, n) for n in shapes[name])] for name, p in model.named_parameters()}
+def prefix_views(model: TaskModel, skeleton: TaskModel, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """For each of `skeleton`'s parameters, `model`'s of the same name (skeleton layer j: model layer `layers[j]`,
+    default j) cut to its shape from the front of every dim: views, so that gradients reach `model`."""
+    params = dict(model.named_parameters())
+
+    def source(name: str) -> str:
+        parts = name.split(".")
+        if layers is not None and parts[:2] == ["student", "layers"]:
+            parts[2] = str(layers[int(parts[2])])
+        return ".".join(parts)
+
+    return {name: params[source(name)][tuple(slice(0, n) for n in p.shape)] for name, p in skeleton.named_parameters()}
+
+
+def prefix_call(model: TaskModel, skeleton: TaskModel, layers: list[int] | None = None, **inputs):
+    """`skeleton`'s forward on `prefix_views` of `model`: the sub-network of the first heads and neurons of a rewired
+    model's `layers`, computed at its own size (as MiniDisc's SparseLinear and DynaBERT's slices), training the
+    shared weights. The skeleton's dropout follows `model`'s mode."""
     skeleton.train(model.training)
-    return torch.func.functional_call(skeleton, views, kwargs=inputs)
+    return torch.func.functional_call(skeleton, prefix_views(model, skeleton, layers), kwargs=inputs)
+
+
+def prefix_copy(model: TaskModel, skeleton: TaskModel, layers: list[int] | None = None) -> TaskModel:
+    """`skeleton` holding a copy of `prefix_views` of `model`: the sub-network as a model of its own."""
+    skeleton.load_state_dict({**skeleton.state_dict(), **prefix_views(model, skeleton, layers)})
+    return skeleton.train(model.training)
 
 
 def importance(model: TaskModel, batches: Iterator[dict[str, torch.Tensor]]) -> Importance:
