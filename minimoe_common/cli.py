@@ -1,4 +1,5 @@
-"""Command-line flags and JSON config files from a typed config dataclass (one docstring per field).
+"""Command-line flags and JSON config files from a typed config dataclass (one docstring per field), and the
+entry points' error handling (`command`).
 
 Shared by `python -m data_prep build` (BuildConfig), `minimoe-distill` (DistillConfig) and
 `minimoe-finetune` (FinetuneConfig), so that the stages spell flags, help texts and type checks the same
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
 import json
 import os
+import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,22 @@ T = typing.TypeVar("T")
 class InputError(ValueError):
     """Bad input or settings (a flag, a config file, a data file): every entry point prints
     `error: <message>` (one line naming the flag, file or line) and exits with status 2."""
+
+
+def command(main: Callable[..., None]) -> Callable[..., int]:
+    """A console entry point from `main`: exit status 0 when it returns; `error: <message>` on stderr and 2 for
+    bad input (InputError or any ValueError, a missing file), 1 for a diverged run (FloatingPointError: a NaN/Inf
+    loss or metric, from optim.check_finite)."""
+    @functools.wraps(main)
+    def entry_point(*args: Any, **kwargs: Any) -> int:
+        try:
+            main(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FloatingPointError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1 if isinstance(error, FloatingPointError) else 2
+        return 0
+
+    return entry_point
 
 
 def refuse_invalid(config: Any, checks: dict[str, tuple[bool, str]]) -> None:

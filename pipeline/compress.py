@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from minimoe_common.cli import check_output_dir
+from minimoe_common.cli import check_output_dir, command
 from minimoe_common.files import written_dir
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.experts import KEEP_THRESHOLD, factored_params, ffn_weight, kept_rank
@@ -70,25 +70,21 @@ def compress_dir(model_dir: str | Path, output: str | Path, threshold: float) ->
             "low_rank_matrices": len(compressed.config.ffn_ranks or {}), "ffn_matrices": len(student.ffn_linears())}
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="minimoe-compress", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="exported student dir (dense or MiniMoE)")
     parser.add_argument("output", help="output dir for the compressed student")
     parser.add_argument("--threshold", type=float, default=KEEP_THRESHOLD,
                         help="keep singular values above this fraction of each matrix's largest (default 0.1)")
     args = parser.parse_args(argv)
-    try:
-        if not 0 <= args.threshold < 1:
-            raise ValueError(f"--threshold {args.threshold}: must be in [0, 1)")
-        check_output_dir(args.output, "output")
-        summary = compress_dir(args.model, args.output, args.threshold)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if not 0 <= args.threshold < 1:
+        raise ValueError(f"--threshold {args.threshold}: must be in [0, 1)")
+    check_output_dir(args.output, "output")
+    summary = compress_dir(args.model, args.output, args.threshold)
     print(f"{summary['low_rank_matrices']} of {summary['ffn_matrices']} FFN matrices factored; params "
           f"{summary['params_before'] / 1e6:.2f} M -> {summary['params_after'] / 1e6:.2f} M (transformer layers "
           f"{summary['layer_params_before'] / 1e6:.2f} M -> {summary['layer_params_after'] / 1e6:.2f} M); wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from minimoe_common.cli import InputError, check_output_dir
+from minimoe_common.cli import InputError, check_output_dir, command
 from minimoe_common.files import read_json, write_json, write_text, written_dir
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline import checkpoint
@@ -154,7 +154,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, sentence_transforme
     return step_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="minimoe-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a run's output dir, its checkpoints/ dir (the latest is taken) or a step-N dir")
@@ -170,14 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the weights the run started from (same config and seed, step 0) instead: the "
                              "random-initialisation baseline to finetune next to the distilled student")
     args = parser.parse_args(argv)
-    try:
-        step_dir = export(args.checkpoint, args.out_dir, args.sentence_transformers, args.license, args.base_model,
-                          args.results, args.random_init)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    step_dir = export(args.checkpoint, args.out_dir, args.sentence_transformers, args.license, args.base_model,
+                      args.results, args.random_init)
     print(f"exported {step_dir} -> {args.out_dir}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

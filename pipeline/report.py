@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minimoe_common.cli import command
 from pipeline.experts import add_experts_parser
 from pipeline.models import STUDENT_PRESETS, Student, StudentConfig, is_student_dir
 from pipeline.models.files import loading
@@ -179,17 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "compute")
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args.func(args)
 
 
 if __name__ == "__main__":

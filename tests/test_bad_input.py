@@ -20,7 +20,7 @@ import torch
 
 from data_prep import __main__ as prep
 from data_prep.build import open_tokenizer
-from minimoe_common.cli import InputError
+from minimoe_common.cli import InputError, command
 from minimoe_common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline import compress, distill, export, report
 from pipeline.data import ShardDataset
@@ -82,6 +82,23 @@ def sst2_and_rte(data: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- silent wrong results
+
+def test_every_command_turns_errors_into_one_line_and_a_status(capsys):
+    """minimoe_common.cli.command, which every minimoe-* entry point but distill's wears: bad input 2, a missing
+    file 2, a diverged run 1, each `error: <message>` on stderr; anything else is a bug and propagates."""
+    @command
+    def run(error: Exception | None) -> None:
+        if error is not None:
+            raise error
+
+    assert run(None) == 0
+    for error, status in ((InputError("--lr 0: must be > 0"), 2), (FileNotFoundError("no such file: x.json"), 2),
+                          (FloatingPointError("non-finite loss at step 3: loss=nan"), 1)):
+        assert run(error) == status
+        assert capsys.readouterr().err == f"error: {error}\n"
+    with pytest.raises(KeyError):
+        run(KeyError("a bug"))
+
 
 def test_suite_rows_with_one_name_are_refused():
     assert row_models(["ft/rte/model", "mine=ft/mrpc/model"]) == {"model": "ft/rte/model", "mine": "ft/mrpc/model"}

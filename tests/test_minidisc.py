@@ -181,6 +181,17 @@ def test_the_schedule_end_to_end_and_its_resume(tmp_path, tokenizer, one_process
     assert main([*argv, "--lam", "0.5"]) == 2
 
 
+def test_a_diverged_run_stops_naming_the_step(tmp_path, tokenizer, one_process_group, monkeypatch, capsys):
+    monkeypatch.setattr(minidisc, "minidisc_loss", lambda out, *_: out.logits.sum() * float("nan"))
+    teacher_dir = tiny_bert(tmp_path / "teacher", tokenizer, layers=2, hidden=64)
+    argv = ["--model", str(teacher_dir), "--output", str(tmp_path / "o"), "--task", "sst2", "--data-dir",
+            str(SST2_SLICE), "--sparsities", "50", "--target-sparsity", "50", "--max-examples", "16"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss at step 1: loss@50=nan"), err
+    assert not (tmp_path / "o" / "iteration1").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--target-sparsity", "33"], "--target-sparsity 33: not one of --sparsities 50 60 70 80 85 90 95"),
     (["--sparsities", "50", "50"], "--sparsities 50 50: distinct percentages"),

@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from minimoe_common.cli import InputError, check_output_dir
+from minimoe_common.cli import InputError, check_output_dir, command
 from minimoe_common.files import write_json
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune.config import deepspeed_config
@@ -359,27 +359,22 @@ def check_train(config: TrainConfig) -> None:
     check_output_dir(config.output, "output")
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     args = vars(parser().parse_args(argv))
-    command = args.pop("command")
-    try:
-        if command == "train":
-            config = TrainConfig(**{**args, "widths": parse_multipliers("--widths", args["widths"]),
-                                    "depths": parse_multipliers("--depths", args["depths"])})
-            check_train(config)
-            summary = train(config)
-            print(f"dev by width, before -> after: {json.dumps(summary['dev_before'])} -> "
-                  f"{json.dumps(summary['dev_after'])}; wrote {config.output}")
-        else:
-            check_output_dir(args["output"], "output")
-            record = export(args["model"], args["output"], args["width"], args["depth"])
-            print(f"width {record['width']:g}, depth {record['depth']:g}: layers {record['layers']}, heads "
-                  f"{record['layer_heads']}, FFN {record['layer_intermediate_sizes']}, {record['params'] / 1e6:.2f} M "
-                  f"params; wrote {args['output']}")
-    except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    if args.pop("command") == "train":
+        config = TrainConfig(**{**args, "widths": parse_multipliers("--widths", args["widths"]),
+                                "depths": parse_multipliers("--depths", args["depths"])})
+        check_train(config)
+        summary = train(config)
+        print(f"dev by width, before -> after: {json.dumps(summary['dev_before'])} -> "
+              f"{json.dumps(summary['dev_after'])}; wrote {config.output}")
+    else:
+        check_output_dir(args["output"], "output")
+        record = export(args["model"], args["output"], args["width"], args["depth"])
+        print(f"width {record['width']:g}, depth {record['depth']:g}: layers {record['layers']}, heads "
+              f"{record['layer_heads']}, FFN {record['layer_intermediate_sizes']}, {record['params'] / 1e6:.2f} M "
+              f"params; wrote {args['output']}")
 
 
 if __name__ == "__main__":

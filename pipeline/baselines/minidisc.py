@@ -53,7 +53,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from minimoe_common.cli import InputError, add_config_arguments, changed_fields, check_output_dir, config_from_args
+from minimoe_common.cli import (InputError, add_config_arguments, changed_fields, check_output_dir, command,
+                                config_from_args)
 from minimoe_common.files import write_json
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.baselines.prune import (Importance, TaskModel, batches, budget, importance, load_finetuned, prefix_call,
@@ -334,20 +335,16 @@ def run_iteration(config: MiniDiscConfig, iteration: int, teacher: TaskModel, tr
     return model, record
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="minimoe-minidisc", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, MiniDiscConfig, config_file=True)
-    try:
-        config = config_from_args(MiniDiscConfig, parser.parse_args(argv))
-        check_config(config)
-        summary = minidisc(config)
-    except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_args(MiniDiscConfig, parser.parse_args(argv))
+    check_config(config)
+    summary = minidisc(config)
     chain = " -> ".join(f"{s}%" for s in summary["schedule"])
     print(f"schedule (sparsity) {chain}: dev {summary['dev']:.2f} (teacher {summary['teacher_dev']:.2f}), "
           f"{summary['params'] / 1e6:.2f} M params; student: {summary['student']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimoe_common.cli import InputError
+from minimoe_common.cli import InputError, command
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune.data import load_task_data
 from pipeline.finetune.run import check_finetuned_for, save_model
@@ -169,7 +169,8 @@ def convert_dir(model_dir: str, output: str, task_name: str, data_dir: str, expe
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="minimoe-moebert", description=__doc__.split("\n\n")[0])
     add_scoring_arguments(parser, "output dir for the MoE student (with the task head)")
     parser.add_argument("--experts", type=int, default=4, help="experts per FFN (default 4, the authors' script's)")
@@ -181,20 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the student's load-balance loss weight (aux_loss_weight; default 0.01, the MiniMoE "
                              "router's; the authors' script: 0, with hash routing)")
     args = parser.parse_args(argv)
-    try:
-        if args.balance_weight < 0:
-            raise InputError(f"--balance-weight {args.balance_weight:g}: must be >= 0")
-        check_scoring_arguments(args)
-        summary = convert_dir(args.model, args.output, args.task, args.data_dir, args.experts, args.expert_size,
-                              args.shared, args.balance_weight, args.max_examples, args.batch_size, args.max_seq_length)
-    except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.balance_weight < 0:
+        raise InputError(f"--balance-weight {args.balance_weight:g}: must be >= 0")
+    check_scoring_arguments(args)
+    summary = convert_dir(args.model, args.output, args.task, args.data_dir, args.experts, args.expert_size,
+                          args.shared, args.balance_weight, args.max_examples, args.batch_size, args.max_seq_length)
     metric = get_task(args.task).metrics[0]
     print(f"{args.experts} experts of {args.expert_size} neurons ({args.shared} shared) per FFN: dev {metric} "
           f"{summary['dev_before']:.2f} -> {summary['dev_after']:.2f} (untrained); params "
           f"{summary['params_before'] / 1e6:.2f} M -> {summary['params_after'] / 1e6:.2f} M; wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

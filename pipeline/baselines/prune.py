@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minimoe_common.cli import InputError, check_output_dir
+from minimoe_common.cli import InputError, check_output_dir, command
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune.data import collate, load_task_data
 from pipeline.finetune.run import check_finetuned_for, save_model
@@ -242,28 +242,24 @@ def check_scoring_arguments(args: argparse.Namespace) -> None:
     check_output_dir(args.output, "output")
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="minimoe-prune", description=__doc__.split("\n\n")[0])
     add_scoring_arguments(parser, "output dir for the pruned model")
     parser.add_argument("--keep", type=float, required=True,
                         help="percent of the transformer-layer parameters kept, in (0, 100] (the paper's KD 15%%: 15)")
     args = parser.parse_args(argv)
-    try:
-        if not 0 < args.keep <= 100:
-            raise InputError(f"--keep {args.keep:g}: must be in (0, 100]")
-        check_scoring_arguments(args)
-        summary = prune_dir(args.model, args.output, args.task, args.data_dir, args.keep, args.max_examples,
-                            args.batch_size, args.max_seq_length)
-    except (ValueError, FileNotFoundError) as error:  # InputError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if not 0 < args.keep <= 100:
+        raise InputError(f"--keep {args.keep:g}: must be in (0, 100]")
+    check_scoring_arguments(args)
+    summary = prune_dir(args.model, args.output, args.task, args.data_dir, args.keep, args.max_examples,
+                        args.batch_size, args.max_seq_length)
     metric = get_task(args.task).metrics[0]
     print(f"kept {sum(summary['layer_heads'])} heads and {sum(summary['layer_intermediate_sizes'])} FFN neurons: "
           f"dev {metric} {summary['dev_before']:.2f} -> {summary['dev_after']:.2f} (untrained); transformer layers "
           f"{summary['layer_params_before'] / 1e6:.2f} M -> {summary['layer_params_after'] / 1e6:.2f} M "
           f"({100 * summary['layer_params_after'] / summary['layer_params_before']:.1f}%), params "
           f"{summary['params_before'] / 1e6:.2f} M -> {summary['params_after'] / 1e6:.2f} M; wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

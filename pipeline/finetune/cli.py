@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 
-from minimoe_common.cli import add_config_arguments, config_from_args
+from minimoe_common.cli import add_config_arguments, command, config_from_args
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.run import is_main_process
 from pipeline.finetune.suite import finetune, suite
@@ -47,25 +47,21 @@ def build_parser(suite_command: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's, put before `suite`
     suite_command = bool(argv) and argv[0] == "suite"
     args = build_parser(suite_command).parse_args(argv[1:] if suite_command else argv)
-    try:
-        if suite_command:
-            models, tasks = args.model, args.tasks
-            del args.model, args.tasks
-            table = suite(config_from_args(FinetuneConfig, args, model="", task=""), models, tasks)
-            if is_main_process():
-                print(table)
-        else:
-            get_task(args.task)
-            results = finetune(config_from_args(FinetuneConfig, args))
-            if is_main_process():
-                print(json.dumps({key: results[key] for key in ("task", "metrics", "majority_baseline", "model_dir")},
-                                 indent=2))
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # InputError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, FloatingPointError) else 2  # a NaN/Inf loss or metric: diverged, not bad input
-    return 0
+    if suite_command:
+        models, tasks = args.model, args.tasks
+        del args.model, args.tasks
+        table = suite(config_from_args(FinetuneConfig, args, model="", task=""), models, tasks)
+        if is_main_process():
+            print(table)
+    else:
+        get_task(args.task)
+        results = finetune(config_from_args(FinetuneConfig, args))
+        if is_main_process():
+            print(json.dumps({key: results[key] for key in ("task", "metrics", "majority_baseline", "model_dir")},
+                             indent=2))
