@@ -5,7 +5,9 @@
 # epoch (20 steps of 32: the CPU budget; the authors: all of it, 3 epochs) at lr 1e-4 (the teacher's CPU-scale
 # rate; theirs 2e-5 moves 20 steps too little), then exports widths 0.5 and 0.25, reports their shapes and
 # compute, and finetunes each with task KD from the teacher on the same 640 examples (DynaBERT's optional final
-# finetuning is on the labels; KD here, as the KD_x% rows). A finished step is not rerun.
+# finetuning is on the labels; KD here, as the KD_x% rows). Then DynaBERT's depth stage from DynaBERT_W (depths 0.5,
+# 0.75, 1.0 x the four widths: 12 sub-networks a step, the same 640 rows and epoch, lr 1e-4) and the export of
+# width 0.5 at depth 0.5. A finished step is not rerun.
 #   OUT=out/dynabert DATA=../shared/data/glue bash benchmarks/dynabert.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,10 @@ for width in 0.5 0.25; do
   [[ -f $OUT/kd_w$width/results.json ]] || python -m pipeline.finetune --output "$OUT/kd_w$width" "${recipe[@]}" \
     --max-train-examples 640 --model "$OUT/w$width" --teacher "$TEACHER"
 done
-python -m pipeline.report compute "$TEACHER" "$OUT/w0.5" "$OUT/w0.25" --no-throughput
+[[ -d $OUT/dynabert ]] || python -m pipeline.baselines.dynabert train "$OUT/dynabert_w" "$OUT/dynabert" "${recipe[@]}" \
+  --max-examples 640 --depths 0.5,0.75,1.0
+[[ -d $OUT/w0.5_d0.5 ]] || python -m pipeline.baselines.dynabert export "$OUT/dynabert" "$OUT/w0.5_d0.5" --width 0.5 --depth 0.5
+python -m pipeline.report compute "$TEACHER" "$OUT/w0.5" "$OUT/w0.25" "$OUT/w0.5_d0.5" --no-throughput
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -34,4 +39,7 @@ for width in ("0.5", "0.25"):
     kd = json.loads((out / f"kd_w{width}" / "results.json").read_text())["metrics"]["rte"]["acc"]
     print(f"w{width}: heads {record['layer_heads']}, FFN {record['layer_intermediate_sizes']}, {record['params']:,} "
           f"params; after KD finetuning {kd:.1f}")
+summary = json.loads((out / "dynabert" / "dynabert.json").read_text())
+print("DynaBERT (depth stage), dev acc before -> after: " + ", ".join(
+    f"{name} {summary['dev_before'][name]:.1f} -> {summary['dev_after'][name]:.1f}" for name in summary["dev_after"]))
 PY

@@ -53,7 +53,8 @@ def test_hidden_layers_are_every_sixth():
     assert hidden_layers(2) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("level", [Level(50, [2, 2], [61, 64]), Level(75, [2, 0], [0, 60]), Level(0, [4, 4], [128, 128])])
+@pytest.mark.parametrize("level", [Level(50, [2, 2], [61, 64]), Level(75, [2, 0], [0, 60]),
+                                   Level(0, [4, 4], [128, 128])])
 def test_prefix_views_compute_the_cut_network_and_its_gradients(level):
     """Logits and every parameter's gradient of the sub-network run on prefix views of the full model = those of
     the network cut out by indices (prune.pruned), which `cut` copies; the full model's units after the prefixes

@@ -30,7 +30,7 @@ distil on the task's own training set. In the depth stage their teacher stays at
 (its width_mult is never set, though L121-127 compute its outputs once per width); the paper distils each width
 from DynaBERT_W at the same width, which we follow (the teacher cut as the student). Each sub-network runs on the
 leading slices of the shared weights of its kept layers (prune.prefix_call), at its own cost, as theirs; it
-computes exactly the exported sub-network (tests/test_dynabert.py); the engine accumulates the sub-networks' gradients
+computes exactly the exported sub-network (tests/test_dynabert.py); the engine accumulates their gradients
 (gradient_accumulation_steps = widths x depths, summed, not averaged, as their loss.backward() per sub-network).
 
     python -m pipeline.baselines.dynabert train RUN/model OUT --task rte --data-dir ../shared/data/glue
@@ -64,8 +64,8 @@ from pipeline.models.hf_export import load_student_head
 from pipeline.models.files import check_max_seq_length
 from pipeline.objectives import _masked_mse, logit_kd_loss
 from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
-from pipeline.baselines.prune import (Importance, TaskModel, batches, importance, load_finetuned, prefix_call, prefix_copy,
-                                      pruned, sub_network)
+from pipeline.baselines.prune import (Importance, TaskModel, batches, importance, load_finetuned, prefix_call,
+                                      prefix_copy, pruned, sub_network)
 from pipeline.tasks import get_task
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # README step 2, --width_mult_list
@@ -134,7 +134,8 @@ def teacher_outputs(nets: Networks, batch: dict[str, torch.Tensor]) -> dict[floa
     """The teacher's outputs (with hidden states) by student width."""
     with torch.no_grad():
         if nets.teacher_skeletons is None:
-            return dict.fromkeys([width for _, width in nets.skeletons], nets.teacher(**batch, output_hidden_states=True))
+            out = nets.teacher(**batch, output_hidden_states=True)
+            return dict.fromkeys([width for _, width in nets.skeletons], out)
         return {width: prefix_call(nets.teacher, sub, **batch, output_hidden_states=True)
                 for width, sub in nets.teacher_skeletons.items()}
 

@@ -91,7 +91,7 @@ def levels(model: TaskModel, scores: Importance, sparsities: list[int]) -> list[
     for wider, narrower in itertools.pairwise(chosen):
         if any(a < b for a, b in zip(wider.heads + wider.neurons, narrower.heads + narrower.neurons)):
             raise InputError(f"--sparsities {wider.sparsity} and {narrower.sparsity}: too close for this model's "
-                             f"units (the sparser one would keep a head more in some layer); leave one out")
+                             f"units (the sparser one would keep more units in some layer); leave one out")
     return chosen
 
 
