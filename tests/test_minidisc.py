@@ -61,7 +61,9 @@ def test_prefix_views_compute_the_cut_network_and_its_gradients(level):
     get no gradient. A layer without heads or neurons included."""
     model = rewired(tiny(), hand_scores())
     small = pruned(model, [torch.arange(h) for h in level.heads], [torch.arange(n) for n in level.neurons])
+    random_state = torch.get_rng_state()
     copied = cut(model, level).state_dict()
+    assert torch.equal(torch.get_rng_state(), random_state)  # evaluating a level leaves training's dropout as it was
     assert all(torch.equal(value, copied[key]) for key, value in small.state_dict().items())
     batch = {k: v for k, v in synthetic_batches(1)[0].items() if k != "labels"}
     out = prefix_call(model, sub_network(model, level.heads, level.neurons), **batch).logits

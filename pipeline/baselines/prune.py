@@ -71,10 +71,12 @@ def masked(model: TaskModel) -> tuple[Importance, list[torch.utils.hooks.Removab
 
 def sub_network(model: TaskModel, heads: list[int], neurons: list[int]) -> TaskModel:
     """A model of `model`'s class of len(heads) layers, layer i with `heads[i]` heads and `neurons[i]` FFN neurons,
-    its weights random: a skeleton for `prefix_call` and `prefix_copy`."""
+    its weights random: a skeleton for `prefix_call` and `prefix_copy`. Its initialisation leaves the random stream
+    as it was, so that cutting networks out for evaluation does not change a run's dropout."""
     config = dataclasses.replace(model.config, num_layers=len(heads), layer_heads=heads,
                                  layer_intermediate_sizes=neurons)
-    return type(model)(config).to(next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]):
+        return type(model)(config).to(next(model.parameters()).device)
 
 
 def prefix_views(model: TaskModel, skeleton: TaskModel, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
