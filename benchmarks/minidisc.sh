@@ -16,8 +16,10 @@ DATA=${DATA:-../shared/data/glue}
 TEACHER=${TEACHER:-out/prune/teacher/model}
 recipe=(--model "$TEACHER" --task rte --data-dir "$DATA" --target-sparsity 95 --epochs 1 --eval-every 20)
 mkdir -p "$OUT"
-python -m pipeline.baselines.minidisc "${recipe[@]}" --output "$OUT/minidisc" > "$OUT/minidisc.log" 2>&1 & first=$!
-python -m pipeline.baselines.minidisc "${recipe[@]}" --output "$OUT/direct" --iterations 1 > "$OUT/direct.log" 2>&1 & second=$!
+python -m pipeline.baselines.minidisc "${recipe[@]}" --output "$OUT/minidisc" > "$OUT/minidisc.log" 2>&1 &
+first=$!
+python -m pipeline.baselines.minidisc "${recipe[@]}" --output "$OUT/direct" --iterations 1 > "$OUT/direct.log" 2>&1 &
+second=$!
 wait "$first"; wait "$second"
 python -m pipeline.report compute "$TEACHER" "$OUT/minidisc/iteration2" --no-throughput
 python - "$OUT" <<'PY'
@@ -29,8 +31,9 @@ for run in ("minidisc", "direct"):
     chosen = []
     for iteration in range(1, len(summary["schedule"])):
         record = json.loads((out / run / f"iteration{iteration}" / "minidisc.json").read_text())
-        chosen.append(f"iteration {iteration}: {record['sparsity']}% at step {record['step']} of {record['steps']}, dev "
-                      f"by sparsity {json.dumps({s: round(v, 1) for s, v in record['dev_by_sparsity'].items()})}")
-    print(f"{run}: schedule {summary['schedule']}, student dev {summary['dev']:.1f} (teacher {summary['teacher_dev']:.1f}), "
-          f"{summary['layer_params']:,} layer params; " + "; ".join(chosen))
+        dev = json.dumps({s: round(v, 1) for s, v in record["dev_by_sparsity"].items()})
+        chosen.append(f"iteration {iteration}: {record['sparsity']}% at step {record['step']} of {record['steps']}, "
+                      f"dev by sparsity {dev}")
+    print(f"{run}: schedule {summary['schedule']}, student dev {summary['dev']:.1f} (teacher "
+          f"{summary['teacher_dev']:.1f}), {summary['layer_params']:,} layer params; " + "; ".join(chosen))
 PY
