@@ -209,6 +209,7 @@ def test_train_then_export_end_to_end(tmp_path, tokenizer, one_process_group):
     (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--depths", "0"], "--depths 0: each"),
     (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--widths", "a,b"], "comma-separated numbers"),
     (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--lr", "0"], "--lr 0: must be > 0"),
+    (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--max-examples", "0"], "--max-examples 0: must be > 0"),
     (["train", "M", "O", "--task", "sst2", "--data-dir", "D", "--lambda-hidden", "-1"], "--lambda-hidden -1"),
 ])
 def test_bad_training_flags_are_one_line_errors(argv, message, tmp_path, capsys):

@@ -202,6 +202,7 @@ def test_a_diverged_run_stops_naming_the_step(tmp_path, tokenizer, one_process_g
     (["--warmup", "1"], "--warmup 1: a share"),
     (["--lam", "-1"], "--lam -1: must be >= 0"),
     (["--iterations", "0"], "--iterations 0: must be > 0"),
+    (["--max-examples", "0"], "--max-examples 0: must be > 0"),
     (["--task", "conll2003"], "--task conll2003: a token task"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, tokenizer, capsys):

@@ -351,7 +351,7 @@ def check_train(config: TrainConfig) -> None:
             raise InputError(f"{flag} {','.join(f'{v:g}' for v in values)}: each must be in (0, 1]")
     for flag, value in (("--epochs", config.epochs), ("--lr", config.lr), ("--batch-size", config.batch_size),
                         ("--max-seq-length", config.max_seq_length), ("--max-grad-norm", config.max_grad_norm),
-                        ("--max-examples", config.max_examples or 1)):
+                        ("--max-examples", 1 if config.max_examples is None else config.max_examples)):
         if value <= 0:
             raise InputError(f"{flag} {value:g}: must be > 0")
     for flag, value in (("--lambda-logit", config.lambda_logit), ("--lambda-hidden", config.lambda_hidden or 0)):

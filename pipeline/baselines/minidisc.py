@@ -204,9 +204,10 @@ def check_config(config: MiniDiscConfig) -> None:
     if config.target_sparsity not in config.sparsities:
         raise InputError(f"--target-sparsity {config.target_sparsity}: not one of --sparsities "
                          f"{' '.join(map(str, config.sparsities))}")
+    examples = 1 if config.max_examples is None else config.max_examples
     for flag, value in (("--iterations", config.iterations), ("--epochs", config.epochs), ("--lr", config.lr),
                         ("--eval-every", config.eval_every), ("--batch-size", config.batch_size),
-                        ("--max-seq-length", config.max_seq_length), ("--max-examples", config.max_examples or 1),
+                        ("--max-seq-length", config.max_seq_length), ("--max-examples", examples),
                         ("--max-grad-norm", config.max_grad_norm), ("--patience-epochs", config.patience_epochs)):
         if value <= 0:
             raise InputError(f"{flag} {value:g}: must be > 0")
