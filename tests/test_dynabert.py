@@ -11,12 +11,12 @@ from test_finetune import SST2_SLICE, one_process_group, tokenizer  # noqa: F401
 from test_pkd import tiny_bert
 from test_prune import synthetic_batches
 
-from pipeline.baselines.dynabert import (WIDTHS, Networks, dynabert_loss, kept_layers, kept_units, main, rewired,
-                                         skeleton, subnetwork, train_step)
+from pipeline.baselines.dynabert import (WIDTHS, Networks, dynabert_loss, kept_layers, kept_units, main, skeleton,
+                                         subnetwork, train_step)
 from pipeline.models import StudentConfig, StudentForSequenceClassification
 from pipeline.models.hf_export import load_student_head
 from pipeline.optim import LinearSchedule, build_engine
-from pipeline.baselines.prune import importance, masked, prefix_call
+from pipeline.baselines.prune import importance, masked, prefix_call, rewired
 
 
 def tiny(**overrides) -> StudentForSequenceClassification:

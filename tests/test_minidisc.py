@@ -12,9 +12,8 @@ from test_pkd import tiny_bert
 from test_prune import synthetic_batches
 
 import pipeline.baselines.minidisc as minidisc
-from pipeline.baselines.dynabert import rewired
 from pipeline.baselines.minidisc import Level, choose, cut, hidden_layers, levels, main, minidisc_loss, train_step
-from pipeline.baselines.prune import Importance, importance, masked, prefix_call, pruned, sub_network
+from pipeline.baselines.prune import Importance, importance, masked, prefix_call, pruned, rewired, sub_network
 from pipeline.finetune.data import load_task_data
 from pipeline.finetune.scoring import evaluate
 from pipeline.models.hf_export import load_student_head

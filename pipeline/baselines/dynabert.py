@@ -41,42 +41,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from minimoe_common.cli import InputError, check_output_dir, command
 from minimoe_common.files import write_json
 from minimoe_common.tokenizer import load_tokenizer
 from pipeline.finetune.config import deepspeed_config
-from pipeline.finetune.data import collate, load_task_data
+from pipeline.finetune.data import load_task_data
 from pipeline.finetune.run import save_model
 from pipeline.finetune.scoring import evaluate
 from pipeline.models.hf_export import load_student_head
 from pipeline.models.files import check_max_seq_length
 from pipeline.objectives import _masked_mse, logit_kd_loss
-from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
-from pipeline.baselines.prune import (Importance, TaskModel, batches, importance, load_finetuned, prefix_call,
-                                      prefix_copy, pruned, sub_network)
+from pipeline.optim import LinearSchedule, build_engine, init_distributed, init_single_process
+from pipeline.baselines.prune import (TaskModel, batches, importance, is_full, load_finetuned, loss_values, prefix_call,
+                                      prefix_copy, rewired, sub_network, training_batches)
 from pipeline.tasks import get_task
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # README step 2, --width_mult_list
-
-
-def rewired(model: TaskModel, scores: Importance) -> TaskModel:
-    """`model` with every layer's heads and FFN neurons in descending order of `scores` (ties keep the earlier
-    unit): the same function, re-parametrised."""
-    order = [torch.sort(s, descending=True, stable=True).indices for s in (*scores.heads, *scores.neurons)]
-    layers = model.config.num_layers
-    return pruned(model, order[:layers], order[layers:])
 
 
 def kept_units(heads: int, neurons: int, width: float) -> tuple[int, int]:
@@ -202,23 +193,13 @@ class TrainConfig:
         return self.depths != [1.0]
 
 
-def train_loop(engine, nets: Networks, loader: DataLoader, total_steps: int) -> list[dict]:
-    """`total_steps` train_steps, epoch after epoch of `loader`; -> each step's losses."""
+def train_loop(engine, nets: Networks, steps: Iterator[dict[str, torch.Tensor]], total_steps: int) -> list[dict]:
+    """A train_step on each of the `total_steps` batches of `steps`; -> each step's losses."""
     history = []
-    steps = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), total_steps)
     for step, batch in enumerate(tqdm(steps, total=total_steps, desc="dynabert"), start=1):
         engine.train()
-        losses = train_step(engine, nets, batch)
-        losses = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))  # one sync
-        check_finite(losses, step)
-        history.append({"step": step, **losses})
+        history.append({"step": step, **loss_values(train_step(engine, nets, batch), step)})
     return history
-
-
-def is_full(config) -> bool:
-    """Every layer with the config's heads and FFN width (not pruned; a rewired model is full)."""
-    return all(config.heads_of(i) == config.num_heads and config.intermediate_size_of(i) == config.intermediate_size
-               for i in range(config.num_layers))
 
 
 def check_teacher(config: TrainConfig, teacher: TaskModel, task) -> None:
@@ -255,9 +236,7 @@ def train(config: TrainConfig) -> dict:
 
     init_single_process()
     init_distributed()
-    sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(config.seed))
-    loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda f: collate(f, pad))
-    total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    steps, total_steps, _ = training_batches(data, pad, config.batch_size, config.epochs, config.seed)
     widths, depths = sorted(config.widths, reverse=True), sorted(config.depths, reverse=True)
     ds_config = {**deepspeed_config(None, config.batch_size, config.max_grad_norm),
                  "gradient_accumulation_steps": len(widths) * len(depths)}
@@ -268,7 +247,7 @@ def train(config: TrainConfig) -> dict:
     teacher_skeletons = {width: skeleton(teacher, width, 1.0) for width in widths} if config.adapts_depth else None
     nets = Networks(teacher, skeletons, teacher_skeletons, (config.lambda_logit, lambda_hidden))
     before = dev_scores(engine.module, nets, task, data, 2 * config.batch_size, pad, 0)
-    history = train_loop(engine, nets, loader, total_steps)
+    history = train_loop(engine, nets, steps, total_steps)
     after = dev_scores(engine.module, nets, task, data, 2 * config.batch_size, pad, total_steps)
     summary = {"config": dataclasses.asdict(config), "lambda_hidden": lambda_hidden, "steps": total_steps,
                "dev_before": before, "dev_after": after, "losses": history,

@@ -50,29 +50,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from minimoe_common.cli import (InputError, add_config_arguments, changed_fields, check_output_dir, command,
                                 config_from_args)
 from minimoe_common.files import write_json
 from minimoe_common.tokenizer import load_tokenizer
-from pipeline.baselines.prune import (Importance, TaskModel, batches, budget, importance, load_finetuned, prefix_call,
-                                      prefix_copy, sub_network, top_units)
-from pipeline.baselines.dynabert import is_full, rewired
+from pipeline.baselines.prune import (Importance, TaskModel, batches, budget, importance, is_full, load_finetuned,
+                                      loss_values, prefix_call, prefix_copy, rewired, sub_network, top_units,
+                                      training_batches)
 from pipeline.finetune.config import deepspeed_config
-from pipeline.finetune.data import TaskData, collate, load_task_data
+from pipeline.finetune.data import TaskData, load_task_data
 from pipeline.finetune.run import log_scalars, save_model
 from pipeline.finetune.scoring import evaluate
 from pipeline.models.files import check_max_seq_length
 from pipeline.objectives import _masked_mse, logit_kd_loss
-from pipeline.optim import LinearSchedule, build_engine, check_finite, init_distributed, init_single_process
+from pipeline.optim import LinearSchedule, build_engine, init_distributed, init_single_process
 from pipeline.tasks import Task, get_task
 
 SPARSITIES = [50, 60, 70, 80, 85, 90, 95]  # run_sparsification_cls.py's levels from their --trunc_sparsity 50
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Level:
     """One sparsity's sub-network of the rewired teacher: the heads and FFN neurons each layer keeps (a prefix)."""
 
@@ -225,11 +224,8 @@ def iterate(config: MiniDiscConfig, teacher: TaskModel, trained: list[Level], da
     losses and dev scores logged to the TensorBoard `writer`; -> (its best evaluation's network cut at the chosen
     level, the iteration's record)."""
     task = get_task(config.task)
-    sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(config.seed))
-    loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler,
-                        collate_fn=lambda f: collate(f, pad_id))
-    total_steps = max(1, math.ceil(config.epochs * len(loader)))
-    patience_steps = math.ceil(config.patience_epochs * len(loader))
+    steps, total_steps, epoch_steps = training_batches(data, pad_id, config.batch_size, config.epochs, config.seed)
+    patience_steps = math.ceil(config.patience_epochs * epoch_steps)
     ds_config = {**deepspeed_config(None, config.batch_size, config.max_grad_norm),
                  "gradient_accumulation_steps": len(trained)}
     schedule = LinearSchedule(int(config.warmup * total_steps), total_steps)
@@ -238,12 +234,9 @@ def iterate(config: MiniDiscConfig, teacher: TaskModel, trained: list[Level], da
     skeletons = [(level, sub_network(engine.module, level.heads, level.neurons)) for level in trained]
     by_sparsity = {level.sparsity: level for level in trained}
     best, kept, evaluations, losses = None, None, [], []
-    steps = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), total_steps)
     for step, batch in enumerate(tqdm(steps, total=total_steps, desc="minidisc"), start=1):
         engine.train()
-        step_losses = train_step(engine, teacher, skeletons, batch)
-        step_losses = dict(zip(step_losses, torch.stack(list(step_losses.values())).float().tolist()))  # one sync
-        check_finite(step_losses, step)
+        step_losses = loss_values(train_step(engine, teacher, skeletons, batch), step)
         losses.append({"step": step, **step_losses})
         log_scalars(writer, step, {f"train/{name}": value for name, value in step_losses.items()})
         if step % config.eval_every == 0 or step == total_steps:
@@ -302,22 +295,22 @@ def minidisc(config: MiniDiscConfig) -> dict:
     all_levels = [Level(**level) for level in summary["levels"]]
     init_single_process()
     init_distributed()
-    teacher, schedule = rewired(teacher, scores), [0]
+    network, schedule = rewired(teacher, scores), [0]  # each iteration's network teaches the next
     for iteration in range(1, config.iterations + 1):
         trained = [level for level in all_levels if level.sparsity >= schedule[-1]]
-        teacher, record = run_iteration(config, iteration, teacher, trained, data, tokenizer)
+        network, record = run_iteration(config, iteration, network, schedule[-1], trained, data, tokenizer)
         schedule.append(record["sparsity"])
         if record["sparsity"] == config.target_sparsity:
             break
     summary.update(schedule=schedule, student=str(Path(config.output) / f"iteration{iteration}"), dev=record["dev"],
-                   params=sum(p.numel() for p in teacher.parameters()),
-                   layer_params=sum(p.numel() for p in teacher.student.layers.parameters()))
+                   params=sum(p.numel() for p in network.parameters()),
+                   layer_params=sum(p.numel() for p in network.student.layers.parameters()))
     write_json(Path(config.output) / "minidisc.json", summary)
     return summary
 
 
-def run_iteration(config: MiniDiscConfig, iteration: int, teacher: TaskModel, trained: list[Level], data: TaskData,
-                  tokenizer) -> tuple[TaskModel, dict]:
+def run_iteration(config: MiniDiscConfig, iteration: int, teacher: TaskModel, teacher_sparsity: int,
+                  trained: list[Level], data: TaskData, tokenizer) -> tuple[TaskModel, dict]:
     """Iteration `iteration`'s chosen network and record: read back from OUT/iterationN where a run finished it,
     else trained (from the seed, so that a resumed schedule repeats an uninterrupted one) and written there."""
     from torch.utils.tensorboard import SummaryWriter
@@ -331,7 +324,7 @@ def run_iteration(config: MiniDiscConfig, iteration: int, teacher: TaskModel, tr
     with SummaryWriter(str(logs)) as writer:
         model, record = iterate(config, teacher, trained, data, tokenizer.pad_token_id,
                                 iteration == config.iterations, writer)
-    record = {"iteration": iteration, "teacher_sparsity": trained[0].sparsity if iteration > 1 else 0, **record}
+    record = {"iteration": iteration, "teacher_sparsity": teacher_sparsity, **record}
     save_model(model, tokenizer, done, {"minidisc.json": record})
     return model, record
 

@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, RandomSampler
 
 from minimoe_common.cli import InputError, check_output_dir, command
 from minimoe_common.tokenizer import load_tokenizer
-from pipeline.finetune.data import collate, load_task_data
+from pipeline.finetune.data import TaskData, collate, load_task_data
 from pipeline.finetune.run import check_finetuned_for, save_model
 from pipeline.finetune.scoring import evaluate
 from pipeline.models.config import StudentConfig
 from pipeline.models.heads import StudentForSequenceClassification, StudentForTokenClassification
 from pipeline.models.hf_export import load_student_head
 from pipeline.models.files import check_max_seq_length
+from pipeline.optim import check_finite
 from pipeline.tasks import Task, get_task
 
 TaskModel = StudentForSequenceClassification | StudentForTokenClassification
@@ -128,6 +132,37 @@ def batches(features: list[dict], pad_id: int, batch_size: int) -> Iterator[dict
     """Encoded examples in their order, in padded batches."""
     for start in range(0, len(features), batch_size):
         yield collate(features[start:start + batch_size], pad_id)
+
+
+def rewired(model: TaskModel, scores: Importance) -> TaskModel:
+    """`model` with every layer's heads and FFN neurons in descending order of `scores` (ties keep the earlier
+    unit): the same function, re-parametrised."""
+    order = [torch.sort(s, descending=True, stable=True).indices for s in (*scores.heads, *scores.neurons)]
+    layers = model.config.num_layers
+    return pruned(model, order[:layers], order[layers:])
+
+
+def is_full(config) -> bool:
+    """Every layer with the config's heads and FFN width (not pruned; a rewired model is full)."""
+    return all(config.heads_of(i) == config.num_heads and config.intermediate_size_of(i) == config.intermediate_size
+               for i in range(config.num_layers))
+
+
+def training_batches(data: TaskData, pad_id: int, batch_size: int, epochs: float,
+                     seed: int) -> tuple[Iterator[dict[str, torch.Tensor]], int, int]:
+    """`epochs` passes over the task's training examples in padded batches, reshuffled every pass (the order from
+    `seed`): (the batches, how many, how many an epoch)."""
+    sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, collate_fn=lambda f: collate(f, pad_id))
+    total = max(1, math.ceil(epochs * len(loader)))
+    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), total), total, len(loader)
+
+
+def loss_values(losses: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """A step's losses as floats (one device sync); FloatingPointError on a NaN/Inf, naming the step."""
+    values = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))
+    check_finite(values, step)
+    return values
 
 
 def layer_param_sizes(config: StudentConfig) -> tuple[int, int, int]:
