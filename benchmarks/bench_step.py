@@ -2,14 +2,15 @@
 
     python benchmarks/bench_step.py [--shards DIR] [--experts 4] [--micro-batch-size 32] [--steps 6]
 
-In one process, the same threads: the fp32 rate of a 2048 x 2048 torch.mm; then the distillation step of
-pipeline.distill (packaged teacher, MiniMoE 3L;384H by default, relation loss, AdamW) in a plain loop timed piece by
-piece (teacher forward, student forward, relation loss forward, backward, optimizer), once with the shipped
-relation loss and once with the previous one (benchmarks/bench_relation_loss.py's baseline), interleaved. Useful
-FLOPs are counted, not measured: the teacher's forward up to the distilled layer's Q/K/V, the student's forward
-(one expert per token) and backward (2x the forward), the relation products (student and teacher scores, and the
-two products of the student's gradient). Prints a Markdown table; without --shards the bundled Wikipedia sample
-is built into a temporary dir first.
+In one process, the same threads: the distillation step of pipeline.distill (packaged teacher, MiniMoE 3L;384H by
+default, relation loss, AdamW) in a plain loop timed piece by piece (teacher forward, student forward, relation loss
+forward, the loss's backward down to the student's Q/K/V, the student's backward, optimizer), with the shipped
+relation loss and with the previous one (benchmarks/bench_relation_loss.py's baseline), the two alternating step by
+step, and the fp32 rate of a 2048 x 2048 torch.mm measured before each round. Useful FLOPs are counted, not
+measured: the teacher's forward up to the distilled layer's Q/K/V, the student's forward (one expert per token) and
+backward (2x the forward), the relation products (student and teacher scores, and the two products of the
+student's gradient). Prints a Markdown table; without --shards the bundled Wikipedia sample is built into a
+temporary dir first.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from pipeline.data import ShardDataset, ShardLoader  # noqa: E402
 from pipeline.models.teacher import Teacher  # noqa: E402
 from pipeline.objectives import minilm_relation_loss  # noqa: E402
 
-PARTS = ("teacher", "student forward", "loss forward", "backward", "optimizer")
+PARTS = ("teacher", "student forward", "loss forward", "loss backward", "student backward", "optimizer")
 
 
 def matmul_rate(size: int = 2048, reps: int = 10) -> float:
@@ -65,34 +66,41 @@ def step_flops(batch: dict, teacher: Teacher, student) -> int:
     return teacher_fwd + 3 * student_fwd + relations
 
 
-def timed_steps(cfg, teacher, shards, loss_fn, steps: int) -> tuple[dict[str, float], float, float]:
-    """-> (seconds per part, real tokens, counted FLOPs) over `steps` steps after one warm-up step."""
-    student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, eps=1e-6, fused=True)
-    loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
-    seconds, tokens, flops = dict.fromkeys(PARTS, 0.0), 0.0, 0.0
-    for step in range(steps + 1):
-        batch = loader.next_batch()
+class TimedRun:
+    """One student trained with one relation loss; `step()` times one distillation step piece by piece."""
+
+    def __init__(self, cfg, teacher, shards, loss_fn):
+        self.cfg, self.teacher, self.loss_fn = cfg, teacher, loss_fn
+        self.student = distill.build_student(distill.student_config(cfg, teacher.tokenizer), cfg.seed).train()
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, eps=1e-6, fused=True)
+        self.loader = ShardLoader(shards, cfg.micro_batch_size, 0, 1, cfg.seed)
+        self.seconds, self.tokens, self.flops = dict.fromkeys(PARTS, 0.0), 0.0, 0.0
+
+    def step(self, timed: bool = True) -> None:
+        batch = self.loader.next_batch()
         marks = [time.perf_counter()]
         with torch.no_grad():
-            teacher_qkv = teacher(**batch)
+            teacher_qkv = self.teacher(**batch)
         marks.append(time.perf_counter())
-        out = student(**batch)
+        out = self.student(**batch)
         marks.append(time.perf_counter())
-        loss = loss_fn(out.relation_qkv, teacher_qkv, batch["attention_mask"], cfg.relation_heads) + out.aux_loss
+        loss = self.loss_fn(out.relation_qkv, teacher_qkv, batch["attention_mask"], self.cfg.relation_heads)
         marks.append(time.perf_counter())
-        loss.backward()
+        # The same backward as loss.backward(), in two parts: the loss's, down to the student's Q/K/V; the student's.
+        qkv_grads = torch.autograd.grad(loss, out.relation_qkv)
         marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        roots, grads = (*out.relation_qkv, out.aux_loss), (*qkv_grads, torch.ones_like(out.aux_loss))
+        torch.autograd.backward(roots[:3 + out.aux_loss.requires_grad], grads[:3 + out.aux_loss.requires_grad])
         marks.append(time.perf_counter())
-        if step:  # the first step warms up (and compiles the shipped loss's kernels)
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if timed:
             for part, begin, end in zip(PARTS, marks, marks[1:]):
-                seconds[part] += end - begin
-            tokens += float(batch["attention_mask"].sum())
-            flops += step_flops(batch, teacher, student)
-    return seconds, tokens, flops
+                self.seconds[part] += end - begin
+            self.tokens += float(batch["attention_mask"].sum())
+            self.flops += step_flops(batch, self.teacher, self.student)
 
 
 def main() -> None:
@@ -113,19 +121,28 @@ def main() -> None:
         dataset = ShardDataset(shards)
         cfg = distill.DistillConfig(teacher=str(packaged_teacher_dir()), shards=shards, experts=args.experts,
                                     micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size)
-        rate = matmul_rate()
-        runs = {"relation loss as shipped": lambda s, t, m, r: minilm_relation_loss(s, t, m, r)[0],
-                "previous relation loss": old_relation_loss}
-        results = {name: timed_steps(cfg, teacher, dataset, fn, args.steps) for name, fn in runs.items()}
+        losses = {"relation loss as shipped": lambda s, t, m, r: minilm_relation_loss(s, t, m, r)[0],
+                  "previous relation loss": old_relation_loss}
+        runs = {name: TimedRun(cfg, teacher, dataset, fn) for name, fn in losses.items()}
+        for run in runs.values():
+            run.step(timed=False)  # warms up (and compiles the shipped loss's kernels)
+        rates = []
+        for _ in range(args.steps):  # alternating, so that changes in the machine's load hit both alike
+            rates.append(matmul_rate())
+            for run in runs.values():
+                run.step()
+        rate = sum(rates) / len(rates)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    print(f"{torch.get_num_threads()} threads; fp32 torch.mm 2048^2: {rate / 1e9:.0f} GFLOP/s; MiniMoE 3L;384H x"
-          f"{args.experts} experts, micro batch {args.micro_batch_size} of the bundled sample; peak RSS {peak:,.0f} MiB")
+    print(f"{torch.get_num_threads()} threads; fp32 torch.mm 2048^2: {rate / 1e9:.0f} GFLOP/s (mean of one "
+          f"measurement before each round: {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f}); MiniMoE 3L;384H x"
+          f"{args.experts} experts, micro batch {args.micro_batch_size} of {args.shards or 'the bundled sample'}; peak RSS {peak:,.0f} MiB")
     print()
     print("| step | s/step | tokens/s | GFLOP/s counted | / matmul rate | " + " | ".join(PARTS) + " |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(PARTS))
     base = None
-    for name, (seconds, tokens, flops) in results.items():
+    for name, run in runs.items():
+        seconds, tokens, flops = run.seconds, run.tokens, run.flops
         total = sum(seconds.values())
         base = base or tokens / total
         shares = " | ".join(f"{seconds[p] / total:.0%}" for p in PARTS)
