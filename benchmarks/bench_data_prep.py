@@ -15,13 +15,18 @@ with each worker count, in the same run.
     python benchmarks/bench_data_prep.py                          # all 100 files of ../shared/data/wikipedia/AA
     python benchmarks/bench_data_prep.py --files 20 --repeat 3    # a subset, on a busy machine
     python benchmarks/bench_data_prep.py --one-jsonl --unit-bytes 16777216   # one 100 MB file: one unit vs 7
+    python benchmarks/bench_data_prep.py --files 10 --original DIR   # and the authors' scripts (a GeneZC/MiniMoE
+                                                                     # checkout) on the same files, side by side
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -58,12 +63,10 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_build(files: list[Path], workers: int, output: str, *extra: str) -> tuple[float, float, int]:
-    """(seconds, CPU seconds, peak RSS bytes of the process tree) of one build into `output`."""
-    command = [sys.executable, "-m", "data_prep", "build", "--input", *map(str, files), "--output", output,
-               "--workers", str(workers), *extra]
+def run_tree(command: list[str], cwd: Path = REPO) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, peak RSS bytes of the process tree) of one command."""
     start, cpu_start = time.perf_counter(), children_cpu_seconds()
-    process = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = psutil.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     while process.poll() is None:
         try:
@@ -76,6 +79,49 @@ def run_build(files: list[Path], workers: int, output: str, *extra: str) -> tupl
     if process.returncode != 0:
         sys.exit(f"error: {' '.join(command[:6])} ... exited with {process.returncode}")
     return seconds, children_cpu_seconds() - cpu_start, peak
+
+
+def run_build(files: list[Path], workers: int, output: str, *extra: str) -> tuple[float, float, int]:
+    """One `data_prep build` into `output`, measured by run_tree."""
+    return run_tree([sys.executable, "-m", "data_prep", "build", "--input", *map(str, files), "--output", output,
+                     "--workers", str(workers), *extra])
+
+
+def authors_code(original: Path, out: Path) -> Path:
+    """A copy of the authors' checkout whose TFRecord protobuf module is regenerated for today's protobuf (theirs
+    predates protobuf 4 and runs only on its pure-Python fallback, 18% slower on one file): the same descriptor,
+    read from their file's serialized_pb literal, built by protobuf's current builder."""
+    if importlib.util.find_spec("crc32c") is None:
+        sys.exit("error: the authors' TFRecord writer needs crc32c: pip install crc32c")
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns(".git"))
+    module = out / "data" / "example_pb2.py"
+    literal = re.search(r"serialized_pb=_b\(('(?:[^'\\]|\\.)*')\)", module.read_text())
+    if literal is None:
+        sys.exit(f"error: {module}: no serialized_pb literal (not GeneZC/MiniMoE's data/example_pb2.py?)")
+    descriptor = ast.literal_eval(literal[1]).encode("latin-1")
+    module.write_text("from google.protobuf import descriptor_pool\nfrom google.protobuf.internal import builder\n"
+                      f"DESCRIPTOR = descriptor_pool.Default().AddSerializedFile({descriptor!r})\n"
+                      "builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())\n"
+                      "builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'example_pb2', globals())\n")
+    return out
+
+
+def run_original(code: Path, files: list[Path], workers: int, tokenizer_path: str,
+                 tmp: Path) -> tuple[float, float, int]:
+    """The authors' two steps (GeneZC/MiniMoE scripts/bert_format_wiki.sh, then bert_build_wiki.sh: sentences,
+    then BertTokenizer pairs into TFRecords) with `workers` processes on the same files, measured as one run."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "in").mkdir(parents=True)
+    for f in files:  # their --input_regex "wiki_*" over one dir
+        (tmp / "in" / f.name).symlink_to(f)
+    steps = [["run_formatting_data_wiki.py", "--input_dir", tmp / "in", "--input_regex", "wiki_*",
+              "--output_dir", tmp / "formatted"],
+             ["run_building_data_bert.py", "--input_dir", tmp / "formatted", "--input_regex", "wiki_*.format",
+              "--output_dir", tmp / "built", "--tokenizer_name_or_path", tokenizer_path, "--do_lower_case",
+              "--max_seq_length", "128"]]
+    measured = [run_tree([sys.executable, *map(str, step), "--num_processors", str(workers)], cwd=code)
+                for step in steps]
+    return sum(m[0] for m in measured), sum(m[1] for m in measured), max(m[2] for m in measured)
 
 
 def one_jsonl(files: list[Path], workers: list[int], unit_bytes: int, repeat: int, tokenizer_path: str) -> None:
@@ -118,6 +164,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions, best kept (default: 1)")
     parser.add_argument("--one-jsonl", action="store_true", help="the files as one jsonl file, one unit vs cut")
     parser.add_argument("--unit-bytes", type=int, default=16 << 20, help="with --one-jsonl (default: %(default)s)")
+    parser.add_argument("--original", type=Path, help="a checkout of GeneZC/MiniMoE: also run the authors' data "
+                                                      "scripts on the same files with each worker count")
     args = parser.parse_args()
     files = sorted(p for p in args.input.iterdir() if p.is_file())[:args.files or None]
     if not files:
@@ -136,10 +184,15 @@ def main() -> None:
                 shutil.rmtree(output)
                 measured[workers] = run_build(files, workers, output)
             measured["start-up"] = run_build(files, 1, output)
+            code = authors_code(args.original, Path(output) / "MiniMoE") if args.original else None
+            for workers in args.workers if args.original else ():
+                measured["original", workers] = run_original(code, files, workers, tokenizer_path,
+                                                             Path(output) / "original")
         for key, value in measured.items():
             best[key] = min(best.get(key, value), value, key=lambda v: v[1] if key == "ceiling" else v[0])
     tokens, backend_seconds, backend_cpu = best.pop("ceiling")
     startup = best.pop("start-up")
+    original = {key[1]: best.pop(key) for key in list(best) if isinstance(key, tuple)}
     runs = best
 
     print(f"{len(files)} files of {args.input} ({megabytes:.0f} MB, {tokens:,} tokens), best of {args.repeat}, {platform.node()}, "
@@ -155,6 +208,11 @@ def main() -> None:
         print(f"| data_prep build, {workers} worker{'s' * (workers > 1)} | {seconds:.1f} | {tokens / seconds:,.0f} "
               f"| {backend_seconds / seconds:.2f} | {backend_seconds / (seconds - startup[0]):.2f} | {speedup} | {cpu:.1f} | {backend_cpu / cpu:.2f} | {peak / 2**20:,.0f} MiB |")
     print(f"| start-up of the command (included above) | {startup[0]:.1f} | | | | | {startup[1]:.1f} | | {startup[2] / 2**20:,.0f} MiB |")
+    for workers, (seconds, cpu, peak) in original.items():
+        ours = f" (data_prep build: {seconds / runs[workers][0]:.2f}x faster)" if workers in runs else ""
+        print(f"| the authors' scripts, {workers} process{'es' * (workers > 1)}{ours} | {seconds:.1f} | "
+              f"{tokens / seconds:,.0f} | {backend_seconds / seconds:.2f} | | | {cpu:.1f} | {backend_cpu / cpu:.2f} | "
+              f"{peak / 2**20:,.0f} MiB |")
 
 
 if __name__ == "__main__":
