@@ -14,7 +14,7 @@ minimoe-finetune flags: see `python -m pipeline.finetune [suite] --help`; each p
 
 launch options (taken by this script, anywhere on the line):
   --num-procs N      processes on this node (default: one per GPU, or one per CPU core without GPUs;
-                     cores are counted whatever OMP_NUM_THREADS says)
+                     cores are counted whatever OMP_NUM_THREADS says); at most one per GPU
   --hostfile FILE    multi-node: a DeepSpeed hostfile, one "HOST slots=N" line per node (ssh/pdsh)
   --num-nodes N  --include S  --exclude S  --master-addr A  --master-port P  --launcher L
                      passed to the deepspeed launcher (multi-node; --master-port also single-node,
@@ -30,7 +30,8 @@ launch options (taken by this script, anywhere on the line):
   --verbose          the launcher's INFO lines (its per-rank bookkeeping; default: warnings and errors only)
   --dry-run          print the command, do not run it
 
-environment: PYTHON=/path/to/python runs that interpreter's launcher (python -m deepspeed.launcher.runner).
+environment: DS_ACCELERATOR=cpu runs CPU ranks (gloo) also on a node with GPUs.
+PYTHON=/path/to/python runs that interpreter's launcher (python -m deepspeed.launcher.runner).
 Without it, the project's .venv (made by `make install`) is used when it exists, else `deepspeed` on PATH.
 
 examples:
@@ -124,12 +125,16 @@ fi
 if [[ -n "$hostfile" && ! -f "$hostfile" ]]; then
   fail "--hostfile $hostfile: no such file"
 fi
-gpus=0
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+gpus=0  # DS_ACCELERATOR=cpu: CPU ranks, also on a node with GPUs
+if [[ "${DS_ACCELERATOR:-}" != cpu ]] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   gpus=$(nvidia-smi -L | wc -l)
 fi
 if [[ -z "$procs" && ( -z "$hostfile" || $slurm -eq 1 ) ]]; then
   procs=$(( gpus > 0 ? gpus : $(cores) ))
+fi
+# DeepSpeed's launcher would hand out devices that do not exist, and the extra ranks die in CUDA's set_device.
+if [[ $gpus -gt 0 && -n "$procs" && $procs -gt $gpus ]]; then
+  fail "--num-procs $procs: this node has $gpus GPU(s), one process each; DS_ACCELERATOR=cpu runs CPU ranks instead"
 fi
 
 # Slurm: srun starts this script once per node; each writes the job's hostfile (every node with this node's

@@ -89,8 +89,11 @@ class TimedRun:
         # The same backward as loss.backward(), in two parts: the loss's, down to the student's Q/K/V; the student's.
         qkv_grads = torch.autograd.grad(loss, out.relation_qkv)
         marks.append(time.perf_counter())
-        roots, grads = (*out.relation_qkv, out.aux_loss), (*qkv_grads, torch.ones_like(out.aux_loss))
-        torch.autograd.backward(roots[:3 + out.aux_loss.requires_grad], grads[:3 + out.aux_loss.requires_grad])
+        roots, grads = list(out.relation_qkv), list(qkv_grads)
+        if out.aux_loss.requires_grad:  # MoE: the balance loss's gradient joins there
+            roots.append(out.aux_loss)
+            grads.append(torch.ones_like(out.aux_loss))
+        torch.autograd.backward(roots, grads)
         marks.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()

@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 def launcher_env() -> dict[str, str]:
-    # PATH stays as it is: a PATH with another `ninja` first would make DeepSpeed rebuild its JIT op.
-    return {**os.environ, "PYTHON": sys.executable}
+    # PATH stays as it is: a PATH with another `ninja` first would make DeepSpeed rebuild its JIT op. The ranks are
+    # CPU ranks (gloo) on every machine: a node with one GPU could not hold two GPU ranks.
+    return {**os.environ, "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
 
 
 def run_group(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:

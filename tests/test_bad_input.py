@@ -533,6 +533,20 @@ def test_launcher_flags_without_values_ports_and_cores():
     assert given.count("--master_port") == 1 and "--master_port 1234" in given
 
 
+def test_launcher_refuses_more_processes_than_gpus_unless_cpu_ranks(tmp_path):
+    (tmp_path / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-0)"\n')
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    one_gpu = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "DS_ACCELERATOR": ""}  # a fake node with one GPU
+    two = launch("distill", "--num-procs", "2", "--dry-run", env=one_gpu)
+    assert (two.returncode, two.stderr) == (2, "error: --num-procs 2: this node has 1 GPU(s), one process each; "
+                                               "DS_ACCELERATOR=cpu runs CPU ranks instead\n")
+    default = launch("distill", "--dry-run", env=one_gpu).stderr.split()
+    assert default[default.index("--num_gpus") + 1] == "1"  # one per GPU
+    cpu = launch("distill", "--num-procs", "2", "--dry-run", env={**one_gpu, "DS_ACCELERATOR": "cpu"})
+    assert cpu.returncode == 0, cpu.stderr
+    assert cpu.stderr.split()[cpu.stderr.split().index("--num_gpus") + 1] == "2"
+
+
 def test_grid_keeps_explicit_values():
     grid = FinetuneConfig("m", "rte", "d", "o", grid=True, batch_size=[32])
     assert (grid.lr, grid.batch_size) == ([2e-5, 3e-5], [32])

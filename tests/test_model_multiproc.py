@@ -3,7 +3,6 @@ experts with global ids and loads in one plain process with the same outputs."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import free_port
+from launcher import free_port, launcher_env
 from pipeline.models import Student
 
 WORKER = Path(__file__).with_name("ep_save_worker.py")
+LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]  # two CPU ranks (launcher_env)
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_ep_size_2_save_gathers_experts_and_loads_in_one_process(tmp_path):
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    result = subprocess.run([launcher, "--num_gpus", "2", "--master_port", "29531", str(WORKER), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*LAUNCHER, "--master_port", str(free_port()), str(WORKER), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=launcher_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
@@ -45,9 +44,8 @@ def test_ep_size_2_save_gathers_experts_and_loads_in_one_process(tmp_path):
 
 @pytest.mark.multiproc
 def test_ep_size_2_exact_count_exchange_equals_deepspeeds_padded_dispatch(tmp_path):
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     worker = Path(__file__).with_name("ep_dispatch_worker.py")
-    result = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(worker), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*LAUNCHER, "--master_port", str(free_port()), str(worker), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=launcher_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok0", "ok1"]
