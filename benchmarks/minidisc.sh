@@ -6,7 +6,9 @@
 # authors: 10 epochs, patience 5), picks the TA by the lambda-tradeoff, then distils the TA into the student
 # for another epoch: the two iterations see the batches of KD_5%'s two epochs. For reference the same with
 # --iterations 1 (no TA: the sandwich distilled from the teacher straight to 95%). The two run side by side, one
-# core each; dev every 20 steps (theirs 10). A finished run is not rerun, an interrupted one resumes.
+# core each; dev every 20 steps (theirs 10). Then KD_5% as the authors ran it: one level, 95, distilled from the
+# teacher for two epochs with SparseBertCls's loss (their run_distillation_cls.py --model_type sparsebert_cls
+# --layer_or_sparsity 95S). A finished run is not rerun, an interrupted one resumes.
 #   OUT=out/minidisc DATA=../shared/data/glue bash benchmarks/minidisc.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +23,14 @@ first=$!
 python -m pipeline.baselines.minidisc "${recipe[@]}" --output "$OUT/direct" --iterations 1 > "$OUT/direct.log" 2>&1 &
 second=$!
 wait "$first"; wait "$second"
+OMP_NUM_THREADS=2 python -m pipeline.baselines.minidisc "${recipe[@]}" --output "$OUT/kd95" --sparsities 95 \
+    --iterations 1 --epochs 2 > "$OUT/kd95.log" 2>&1
 python -m pipeline.report compute "$TEACHER" "$OUT/minidisc/iteration2" --no-throughput
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for run in ("minidisc", "direct"):
+for run in ("minidisc", "direct", "kd95"):
     summary = json.loads((out / run / "minidisc.json").read_text())
     chosen = []
     for iteration in range(1, len(summary["schedule"])):
