@@ -183,6 +183,24 @@ def test_the_schedule_end_to_end_and_its_resume(tmp_path, tokenizer, one_process
     assert main([*argv, "--lam", "0.5"]) == 2
 
 
+def test_one_level_one_iteration_is_the_authors_kd_of_a_sparsified_student(tmp_path, tokenizer, one_process_group):
+    """--sparsities S --iterations 1 (README's KD_x% the authors' way): teacher -> S directly, the student has the
+    level's shapes and its recorded dev score, and only that level was trained."""
+    teacher_dir = tiny_bert(tmp_path / "teacher", tokenizer, layers=2, hidden=64)
+    out = tmp_path / "kd75"
+    assert main(["--model", str(teacher_dir), "--output", str(out), "--task", "sst2", "--data-dir", str(SST2_SLICE),
+                 "--sparsities", "75", "--target-sparsity", "75", "--iterations", "1", "--max-examples", "32",
+                 "--max-seq-length", "32", "--epochs", "1", "--eval-every", "1"]) == 0
+    summary = json.loads((out / "minidisc.json").read_text())
+    record = json.loads((out / "iteration1" / "minidisc.json").read_text())
+    assert summary["schedule"] == [0, 75] and record["levels"] == [75] and record["teacher_sparsity"] == 0
+    assert [list(e["dev"]) for e in record["evaluations"]] == [["75"]] * 2  # 2 steps of 16, dev after each
+    level = summary["levels"][0]
+    student = load_student_head(out / "iteration1", token=False)
+    assert (student.config.layer_heads, student.config.layer_intermediate_sizes) == (level["heads"], level["neurons"])
+    assert summary["dev"] == record["dev"] == record["dev_by_sparsity"]["75"]
+
+
 def test_a_diverged_run_stops_naming_the_step(tmp_path, tokenizer, one_process_group, monkeypatch, capsys):
     monkeypatch.setattr(minidisc, "minidisc_loss", lambda out, *_: out.logits.sum() * float("nan"))
     teacher_dir = tiny_bert(tmp_path / "teacher", tokenizer, layers=2, hidden=64)
