@@ -37,7 +37,7 @@ from pipeline import checkpoint
 from pipeline.data import ShardDataset, ShardLoader
 from pipeline.export import export
 from pipeline.models import TINYBERT_PROJECTION, Student, StudentConfig
-from pipeline.models.moe import localize_experts
+from pipeline.models.moe import HashRouter, localize_experts
 from pipeline.models.files import check_max_seq_length, loading
 from pipeline.models.teacher import Teacher
 from pipeline.objectives import (TINYBERT_MAPPINGS, attention_scores, minilm_relation_loss, tinybert_layer_map,
@@ -256,13 +256,14 @@ def build_student(config, seed: int, ep_size: int = 1):
 
 
 class RouterStats:
-    """Mean router entropy per MoE layer (nats, of softmax(router logits) before noise, real tokens),
-    from forward hooks on the MoE blocks (whichever dispatch path they take); read and reset with `take`."""
+    """Mean router entropy per learned-router MoE layer (nats, of softmax(router logits) before noise, real
+    tokens), from forward hooks on the MoE blocks (whichever dispatch path they take); read and reset with `take`.
+    Hash-routed layers have no router to measure."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         from deepspeed.moe.layer import MoE
 
-        blocks = [m for m in model.modules() if isinstance(m, MoE)]
+        blocks = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m.deepspeed_moe.gate, HashRouter)]
         self.sums = torch.zeros(len(blocks), 2, device=device)  # (L, [entropy sum, tokens])
         for layer, block in enumerate(blocks):
             block.register_forward_hook(self._hook(layer))

@@ -285,14 +285,20 @@ def test_gathered_rows_take_their_gradients_back_to_their_rows():
 def test_sorted_dispatch_equals_deepspeed_dispatch(noise):
     """Our local sort-based dispatch against DeepSpeed's own capacity-padded MoE.forward: same outputs,
     aux loss, counts and gradients, in training mode with the same router noise draws."""
-    from deepspeed.moe.layer import MoE
-
     torch.manual_seed(0)
     model = Student(tiny_config(num_experts=4, router_noise=noise, relation_projection=False), deepspeed_moe=True).train()
     sorted_dispatch = training_step(model)
-    for layer in model.layers:
-        layer.ffn.forward = MoE.forward.__get__(layer.ffn)
+    use_deepspeeds_dispatch(model)
     assert_same_step(sorted_dispatch, training_step(model))
+
+
+def use_deepspeeds_dispatch(model: Student) -> None:
+    """Every MoE block of `model` runs DeepSpeed's own capacity-padded MoE.forward (which routes by the hidden
+    states alone: no token ids)."""
+    from deepspeed.moe.layer import MoE
+
+    for layer in model.layers:
+        layer.ffn.forward = lambda x, used, token_ids=None, block=layer.ffn: MoE.forward(block, x, used)
 
 
 def training_step(model: Student) -> tuple:
@@ -313,6 +319,48 @@ def assert_same_step(a: tuple, b: tuple) -> None:
     assert [c.tolist() for c in out_a.expert_counts] == [c.tolist() for c in out_b.expert_counts]
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def test_hash_routing_by_hand(tmp_path):
+    """routing "hash" (MoEBERT's hash-random): layer l's table is row l of one (layers, vocab) draw from hash_seed;
+    each real token goes to its id's expert, unscaled; padding is neither computed nor counted; no router
+    parameters; DeepSpeed's layer routes the same; the tables are saved with the weights; bad settings refused."""
+    from pipeline.distill import RouterStats
+
+    config = tiny_config(num_experts=4, routing="hash", hash_seed=7, relation_projection=False)
+    tables = torch.randint(4, (2, 50), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    model = Student(config).eval()
+    assert not any(".gate." in name for name, _ in model.named_parameters())
+    ids, mask, types = batch()
+    out = model(ids, mask, types)
+    flat_ids, real = ids.reshape(-1), mask.reshape(-1).bool()
+    for table, counts in zip(tables, out.expert_counts):
+        assert counts.tolist() == torch.bincount(table[flat_ids[real]], minlength=4).tolist()
+
+    block = model.layers[1].ffn
+    x = torch.randn(*ids.shape, 24)
+    y, _, _ = block(x, mask.reshape(-1), flat_ids)
+    experts = block.deepspeed_moe.experts.deepspeed_experts
+    with torch.no_grad():
+        expected = torch.stack([experts[int(tables[1, token])](row) if used else torch.zeros(24)
+                                for row, token, used in zip(x.reshape(-1, 24), flat_ids, real)])
+    torch.testing.assert_close(y.reshape(-1, 24), expected, atol=1e-6, rtol=1e-5)
+
+    deepspeed_path = Student(config, deepspeed_moe=True).eval()
+    deepspeed_path.load_state_dict(model.state_dict())
+    torch.testing.assert_close(deepspeed_path(ids, mask, types).last_hidden_state[mask.bool()],
+                               out.last_hidden_state[mask.bool()], atol=1e-6, rtol=1e-5)
+    assert RouterStats(deepspeed_path, torch.device("cpu")).sums.shape == (0, 2)  # no router to measure
+
+    model.save_pretrained(tmp_path)
+    loaded = Student.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.layers[1].ffn.deepspeed_moe.gate.expert_of_token, tables[1])
+    torch.testing.assert_close(loaded(ids, mask, types).last_hidden_state, out.last_hidden_state)
+    with pytest.raises(ValueError, match=r"routing 'hash' routes top-1 without dropping tokens \(got top_k 2"):
+        tiny_config(num_experts=4, routing="hash", top_k=2)
+    with pytest.raises(ValueError, match=r"routing 'sentence' must be 'learned' or 'hash'"):
+        tiny_config(num_experts=4, routing="sentence")
 
 
 def test_deepspeed_optimizer_groups_separate_the_experts():
@@ -336,8 +384,7 @@ def test_plain_torch_moe_equals_deepspeeds_moe_layer(noise):
     torch.manual_seed(0)
     config = tiny_config(num_experts=4, router_noise=noise, relation_projection=False)
     reference = Student(config, deepspeed_moe=True).train()
-    for layer in reference.layers:
-        layer.ffn.forward = MoE.forward.__get__(layer.ffn)
+    use_deepspeeds_dispatch(reference)
     plain = Student(config).train()
     plain.load_state_dict(reference.state_dict())
     assert not any(isinstance(m, MoE) for m in plain.modules())
@@ -367,12 +414,9 @@ def test_a_saved_moe_student_runs_in_a_process_without_deepspeed(tmp_path):
     import subprocess
     import sys
 
-    from deepspeed.moe.layer import MoE
-
     torch.manual_seed(0)
     model = Student(tiny_config(num_experts=4, attention_experts=2), deepspeed_moe=True).eval()
-    for layer in model.layers:
-        layer.ffn.forward = MoE.forward.__get__(layer.ffn)
+    use_deepspeeds_dispatch(model)
     model.save_pretrained(tmp_path / "model")
     ids, mask, _ = batch()
     torch.save((ids, mask), tmp_path / "batch.pt")

@@ -94,23 +94,28 @@ def test_split_by_hand():
     assert [e.tolist() for e in expert_neurons(torch.ones(4), 2, 2, 0)] == [[0, 2], [1, 3]]  # ties: lower index
 
 
-@pytest.mark.parametrize("experts", [4, 3])
-def test_experts_of_the_whole_ffn_compute_the_teacher(tmp_path, tokenizer, experts):
-    """Experts = the whole FFN (expert size = shared = width): with the zero router every token's gate value is
-    p = 1/E, each expert's fc2 is E x the teacher's, so p x E x FFN(x) = FFN(x) and the student's logits are the
-    BERT teacher's within rounding (x E and x 1/E are exact for E = 4, a power of two; not for 3)."""
+@pytest.mark.parametrize("experts, routing", [(4, "learned"), (3, "learned"), (3, "hash")])
+def test_experts_of_the_whole_ffn_compute_the_teacher(tmp_path, tokenizer, experts, routing):
+    """Experts = the whole FFN (expert size = shared = width). Learned router: at zero every token's gate value is
+    p = 1/E, each expert's fc2 is E x the teacher's, so p x E x FFN(x) = FFN(x) (x E and x 1/E are exact for
+    E = 4, a power of two; not for 3). Hash routing: each token's expert, unscaled, is the teacher's FFN. Either
+    way the student's logits are the BERT teacher's within rounding."""
     from transformers import BertForSequenceClassification
 
     directory = bert_head(tmp_path / "bert", tokenizer)
     teacher = BertForSequenceClassification.from_pretrained(directory).eval()
     dense = load_student_head(directory, token=False).eval()
     neurons = [[torch.arange(128)] * experts for _ in range(2)]
-    student = moebert_student(dense, neurons, balance_weight=0.0).eval()
+    student = moebert_student(dense, neurons, balance_weight=0.0, routing=routing).eval()
     batch = {k: v for k, v in random_batches([4], len(tokenizer), 2)[0].items() if k != "labels"}
     with torch.no_grad():
-        torch.testing.assert_close(student(**batch).logits, teacher(**batch).logits, atol=1e-5, rtol=0)
+        out = student(**batch)
+        torch.testing.assert_close(out.logits, teacher(**batch).logits, atol=1e-5, rtol=0)
     gate = student.student.layers[0].ffn.deepspeed_moe.gate
-    assert gate.wg.weight.abs().sum() == 0 and gate.wg.bias.abs().sum() == 0
+    if routing == "learned":
+        assert gate.wg.weight.abs().sum() == 0 and gate.wg.bias.abs().sum() == 0
+    else:  # no router parameters; the tokens spread over the experts by id
+        assert not list(gate.parameters()) and all(int((c > 0).sum()) == experts for c in out.expert_counts)
 
 
 def test_smaller_experts_start_as_the_teacher_cut_to_expert_zero(tmp_path, tokenizer):
@@ -174,16 +179,20 @@ def convert(model: Path, output: Path, *flags: str) -> int:
                  "--max-seq-length", "32", *flags])
 
 
-def test_converted_dir_distils_through_finetune(tmp_path, tiny_teacher, one_process_group):
+@pytest.mark.parametrize("routing", ["learned", "hash"])
+def test_converted_dir_distils_through_finetune(tmp_path, tiny_teacher, one_process_group, routing):
     """minimoe-moebert (4 experts of 32 of the 128 neurons, 16 shared) writes a MiniMoE head dir that
     minimoe-finetune --moebert-distill trains from its teacher through the engine: every state paired (the
-    embeddings' and 4 layers'), the hidden and prediction losses logged, the saved model still 4 experts of 32."""
-    assert convert(tiny_teacher, tmp_path / "moe", "--expert-size", "32", "--shared", "16") == 0
+    embeddings' and 4 layers'), the hidden and prediction losses logged, the saved model still 4 experts of 32
+    (with hash routing: the same tables, and no balance loss by default)."""
+    assert convert(tiny_teacher, tmp_path / "moe", "--expert-size", "32", "--shared", "16", "--routing", routing) == 0
     summary = json.loads((tmp_path / "moe" / "moebert.json").read_text())
     assert [len(layer) for layer in summary["neurons"]] == [4] * 4 and len(summary["importance"][0]) == 128
     assert all(layer[0][:16] == layer[3][:16] for layer in summary["neurons"])
+    assert (summary["routing"], summary["balance_weight"]) == (routing, 0.01 if routing == "learned" else 0.0)
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert (config["num_experts"], config["intermediate_size"], config["relation_projection"]) == (4, 32, False)
+    assert config["routing"] == routing
     assert config["architectures"] == ["StudentForSequenceClassification"]
     out = tmp_path / "distil"
     assert finetune_main(["--model", str(tmp_path / "moe"), "--teacher", str(tiny_teacher), "--moebert-distill", "5",
@@ -195,6 +204,10 @@ def test_converted_dir_distils_through_finetune(tmp_path, tiny_teacher, one_proc
         out / "tensorboard")
     saved = StudentForSequenceClassification.from_pretrained(out / "model")
     assert (saved.config.num_experts, saved.config.intermediate_size) == (4, 32)
+    if routing == "hash":
+        converted = StudentForSequenceClassification.from_pretrained(tmp_path / "moe")
+        tables = [[layer.ffn.deepspeed_moe.gate.expert_of_token for layer in m.student.layers] for m in (saved, converted)]
+        assert all(torch.equal(a, b) for a, b in zip(*tables))
 
 
 def test_refusals_are_one_line_errors(tmp_path, tiny_teacher, tokenizer, one_process_group, capsys):

@@ -1,5 +1,6 @@
 """Turn a finetuned BERT into a MoEBERT student (Zuo et al. 2022, "MoEBERT: from BERT to Mixture-of-Experts via
-Importance-Guided Adaptation", NAACL), as the authors' code (SimiaoZuo/MoEBERT) builds it, with our top-1 router.
+Importance-Guided Adaptation", NAACL), as the authors' code (SimiaoZuo/MoEBERT) builds it, routed by their
+default hash-random routing (--routing hash) or by our learned top-1 router (--routing learned).
 
 Importance (their modeling_bert.py, `preprocess_importance`): for FFN neuron j of each layer, per training example
 i (loss without reduction, the model in eval mode), |sum_k W1[j,k] dL_i/dW1[j,k] + sum_k W2[k,j] dL_i/dW2[k,j]|,
@@ -9,12 +10,13 @@ with masks of shape (B, 1, width). Split (their moebert/utils.py, ImportanceProc
 descending; the top `shared` are in every expert, the rest go round-robin (expert e takes rest[e::E]); each expert
 keeps its first `expert_size`: fc1 rows and bias, fc2 columns, fc2's bias in every expert.
 
-Our router scales an expert's output by its gate probability p before the residual LayerNorm. So that the student
-computes the teacher's function at the start, the router starts at zero (p = 1/E for every token) and every
-expert's fc2 (weight and bias) is multiplied by E: E x p = 1. With experts of the whole FFN the student is the
-teacher; with smaller ones, the teacher with each FFN cut to expert 0's neurons (zero logits tie, and ties go to
-expert 0) in eval, and in training, where the router's jitter breaks the tie, each token's expert is random as in
-the authors' default hash-random routing, until the router learns. Then
+Hash routing sends each token id to a fixed random expert (one table per layer) and does not scale its output: with
+experts of the whole FFN the student is the teacher. The learned router scales an expert's output by its gate
+probability p before the residual LayerNorm. So that the student computes the teacher's function at the start,
+that router starts at zero (p = 1/E for every token) and every expert's fc2 (weight and bias) is multiplied by E:
+E x p = 1. With experts of the whole FFN the student is the teacher; with smaller ones, the teacher with each FFN
+cut to expert 0's neurons (zero logits tie, and ties go to expert 0) in eval, and in training, where the router's
+jitter breaks the tie, each token's expert is random, until the router learns. Then
 
     python -m pipeline.baselines.moebert RUN/model OUT --task rte --data-dir ../shared/data/glue --expert-size 384 --shared 256
     minimoe-finetune --model OUT --teacher RUN/model --moebert-distill 5 --task rte ...   # the layer-wise distillation
@@ -119,12 +121,14 @@ def check_split(width: int, experts: int, expert_size: int, shared: int) -> None
 
 @torch.no_grad()
 def moebert_student(model: StudentForSequenceClassification, neurons: list[list[torch.Tensor]],
-                    balance_weight: float) -> StudentForSequenceClassification:
+                    balance_weight: float, routing: str = "learned") -> StudentForSequenceClassification:
     """The MoE head of the same embeddings, attention, LayerNorms, pooler and classifier, whose layer-l experts hold
-    the dense FFN's neurons `neurons[l][e]` (fc2 x E) behind a zero router (module docstring: E x p = 1)."""
+    the dense FFN's neurons `neurons[l][e]`: behind hash routing as they are, behind the learned router fc2 x E
+    with the router at zero (module docstring: E x p = 1)."""
     experts = len(neurons[0])
     config = dataclasses.replace(model.config, num_experts=experts, intermediate_size=len(neurons[0][0]),
-                                 relation_projection=False, aux_loss_weight=balance_weight)
+                                 relation_projection=False, aux_loss_weight=balance_weight, routing=routing)
+    scale = experts if routing == "learned" else 1
     moe = type(model)(config).train(model.training)
     missing, unexpected = moe.load_state_dict({k: v for k, v in model.state_dict().items() if ".ffn." not in k},
                                               strict=False)
@@ -132,19 +136,19 @@ def moebert_student(model: StudentForSequenceClassification, neurons: list[list[
         raise ValueError(f"the dense model does not map onto the MoE one: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for dense, layer, layer_neurons in zip(model.student.layers, moe.student.layers, neurons):
         block = layer.ffn.deepspeed_moe
-        for param in block.gate.wg.parameters():
+        for param in block.gate.parameters():  # the learned router's; hash routing has none
             param.zero_()
         for expert, index in zip(block.experts.deepspeed_experts, layer_neurons):
             expert.fc1.weight.copy_(dense.ffn.fc1.weight[index])
             expert.fc1.bias.copy_(dense.ffn.fc1.bias[index])
-            expert.fc2.weight.copy_(experts * dense.ffn.fc2.weight[:, index])
-            expert.fc2.bias.copy_(experts * dense.ffn.fc2.bias)
+            expert.fc2.weight.copy_(scale * dense.ffn.fc2.weight[:, index])
+            expert.fc2.bias.copy_(scale * dense.ffn.fc2.bias)
     return moe
 
 
 def convert_dir(model_dir: str, output: str, task_name: str, data_dir: str, experts: int, expert_size: int,
                 shared: int, balance_weight: float, max_examples: int | None, batch_size: int,
-                max_seq_length: int) -> dict:
+                max_seq_length: int, routing: str = "learned") -> dict:
     """Score the neurons on the task's first `max_examples` training examples (all when None), split, and write
     `output` (model, tokenizer, moebert.json: the settings, each expert's neurons, the scores, and the dev score
     before and after, untrained); returns the summary."""
@@ -155,12 +159,12 @@ def convert_dir(model_dir: str, output: str, task_name: str, data_dir: str, expe
     data = load_task_data(task, data_dir, tokenizer, max_seq_length, max_examples)
     scores = neuron_importance(model, batches(data.train, tokenizer.pad_token_id, batch_size))
     neurons = [expert_neurons(s, experts, expert_size, shared) for s in scores]
-    moe = moebert_student(model, neurons, balance_weight)
+    moe = moebert_student(model, neurons, balance_weight, routing)
     dev = {f"dev_{when}": evaluate(m, task, data, 2 * batch_size, tokenizer.pad_token_id, step=0)["score"]
            for when, m in (("before", model), ("after", moe))}
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     summary = {"model": model_dir, "task": task.name, "experts": experts, "expert_size": expert_size, "shared": shared,
-               "balance_weight": balance_weight, **dev, "params_before": count(model), "params_after": count(moe),
+               "routing": routing, "balance_weight": balance_weight, **dev, "params_before": count(model), "params_after": count(moe),
                "neurons": [[e.tolist() for e in layer] for layer in neurons],
                "importance": [s.tolist() for s in scores],
                "scored_on": {"data_dir": data_dir, "max_examples": max_examples, "batch_size": batch_size,
@@ -178,15 +182,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="FFN neurons per expert (the authors' BERT-base script: 768 of 3072)")
     parser.add_argument("--shared", type=int, required=True,
                         help="most important neurons in every expert, <= --expert-size (the authors': 512)")
-    parser.add_argument("--balance-weight", type=float, default=0.01,
-                        help="the student's load-balance loss weight (aux_loss_weight; default 0.01, the MiniMoE "
-                             "router's; the authors' script: 0, with hash routing)")
+    parser.add_argument("--routing", choices=("learned", "hash"), default="learned",
+                        help="hash: the authors' script's hash-random routing (each token id's expert fixed at random, "
+                             "one table per layer, output unscaled); learned: the MiniMoE top-1 router, started at "
+                             "zero (default)")
+    parser.add_argument("--balance-weight", type=float, default=None,
+                        help="the student's load-balance loss weight (aux_loss_weight; default 0.01 with the "
+                             "learned router, the MiniMoE one's; 0 with hash routing, which has nothing to balance)")
     args = parser.parse_args(argv)
+    if args.balance_weight is None:
+        args.balance_weight = 0.01 if args.routing == "learned" else 0.0
     if args.balance_weight < 0:
         raise InputError(f"--balance-weight {args.balance_weight:g}: must be >= 0")
     check_scoring_arguments(args)
     summary = convert_dir(args.model, args.output, args.task, args.data_dir, args.experts, args.expert_size,
-                          args.shared, args.balance_weight, args.max_examples, args.batch_size, args.max_seq_length)
+                          args.shared, args.balance_weight, args.max_examples, args.batch_size, args.max_seq_length,
+                          args.routing)
     metric = get_task(args.task).metrics[0]
     print(f"{args.experts} experts of {args.expert_size} neurons ({args.shared} shared) per FFN: dev {metric} "
           f"{summary['dev_before']:.2f} -> {summary['dev_after']:.2f} (untrained); params "

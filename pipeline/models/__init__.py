@@ -2,7 +2,7 @@
 
     config    StudentConfig (a transformers PreTrainedConfig, model_type "minimoe-student"), size presets
     layers    embeddings, attention, FFN, low-rank Linear
-    moe       router, sorted dispatch, plain-torch and DeepSpeed MoE FFNs, attention experts, moefy init
+    moe       routers (learned, hash), sorted dispatch, torch and DeepSpeed MoE FFNs, attention experts, moefy init
     student   Student (a transformers PreTrainedModel)
     heads     StudentForSequenceClassification, StudentForTokenClassification
     teacher   any Hugging Face encoder (or a student) as a frozen teacher exposing one layer's Q/K/V

@@ -77,6 +77,12 @@ class StudentConfig(PreTrainedConfig):
     """Half-width of the LogitJitter noise (the authors: the hidden dropout, 0.1)."""
     router_bias: bool = True
     """Routing Linear(H, E) with a bias (the authors') or without (DeepSpeed's TopKGate)."""
+    routing: str = "learned"
+    """How a token's FFN expert is chosen: "learned", the router above (the expert's output times its gate
+    probability, balanced by aux_loss_weight); "hash", MoEBERT's hash-random routing: each token id's expert
+    drawn once, uniformly, from hash_seed (no parameters, the output unscaled). Attention experts are learned."""
+    hash_seed: int = 0
+    """Seed of routing "hash"'s token id -> expert table (kept in the weights as `expert_of_token`)."""
     expert_init: str = "moefy"
     """"moefy": the experts are cut from one random FFN of E x intermediate_size neurons, each sharing 2/3
     of its neurons with every other expert (the authors' initialisation); "independent": each expert drawn
@@ -119,6 +125,10 @@ class StudentConfig(PreTrainedConfig):
             (self.expert_init in ("moefy", "independent"),
              f"expert_init {self.expert_init!r} must be 'moefy' or 'independent'"),
             (self.attention_experts >= 1, f"attention_experts {self.attention_experts} must be >= 1"),
+            (self.routing in ("learned", "hash"), f"routing {self.routing!r} must be 'learned' or 'hash'"),
+            (self.routing == "learned" or (self.top_k == 1 and not self.drop_tokens),
+             f"routing 'hash' routes top-1 without dropping tokens (got top_k {self.top_k}, drop_tokens "
+             f"{self.drop_tokens})"),
             *[(sizes is None or (len(sizes) == self.num_layers and min(sizes) >= 0),
                f"{name} {sizes} must hold one count >= 0 per layer ({self.num_layers})")
               for name, sizes in (("layer_heads", self.layer_heads),

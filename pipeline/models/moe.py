@@ -1,6 +1,7 @@
-"""Mixture-of-experts blocks: the authors' router, top-1 routing and sorted dispatch, the plain-torch MoE FFN and
-DeepSpeed's MoE layer behind the same router, attention experts, the authors' moefy initialisation, and the
-mapping of expert weights between global ids (saved) and an expert-parallel rank's local ids."""
+"""Mixture-of-experts blocks: the authors' router and MoEBERT's hash routing, top-1 routing and sorted dispatch, the
+plain-torch MoE FFN and DeepSpeed's MoE layer behind the same router, attention experts, the authors' moefy
+initialisation, and the mapping of expert weights between global ids (saved) and an expert-parallel rank's local
+ids."""
 from __future__ import annotations
 
 import copy
@@ -53,6 +54,37 @@ class Router(nn.Module):
             return probs, (logits + gumbel.rsample(logits.shape)).argmax(-1)
         return probs, probs.argmax(-1)
 
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, H) tokens -> gate probabilities (S, E), chosen expert (S,) (the token ids are not used)."""
+        return self.choose(self.logits(x))
+
+
+class HashRouter(nn.Module):
+    """MoEBERT's hash-random routing (SimiaoZuo/MoEBERT, `MoELayer`'s "hash-random"): a fixed table of each token
+    id's expert, drawn uniformly, one per layer (theirs: each layer's `torch.randint` over the vocabulary; here
+    row `layer` of one (layers, vocab) draw from `hash_seed`, so a config gives the same tables every time); gate
+    probability 1 for the chosen expert, so its output is not scaled. No parameters: the table is a buffer, saved
+    with the weights (theirs is drawn anew at every construction). `k` and `drop_tokens` are the parts of
+    DeepSpeed's gate interface that SortedDispatchMoE reads."""
+
+    k, drop_tokens = 1, False
+
+    def __init__(self, config: StudentConfig, num_experts: int, layer: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(config.hash_seed)
+        tables = torch.randint(num_experts, (config.num_layers, config.vocab_size), generator=generator)
+        self.register_buffer("expert_of_token", tables[layer].clone())
+        self.num_experts = num_experts
+
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if token_ids is None:
+            raise ValueError("routing 'hash' chooses experts by token id: pass token_ids")
+        choice = self.expert_of_token[token_ids]
+        return F.one_hot(choice, self.num_experts).float(), choice
+
+    def _set_ep_group(self, group) -> None:  # DeepSpeed's MoE layer hands every gate its expert-parallel group
+        self.ep_group = group
+
 
 def deepspeed_router(config: StudentConfig, num_experts: int) -> nn.Module:
     """The Router as DeepSpeed's TopKGate, so that it plugs into DeepSpeed's MoE layer (capacity-padded dispatch,
@@ -60,7 +92,7 @@ def deepspeed_router(config: StudentConfig, num_experts: int) -> nn.Module:
     from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating
 
     class DeepSpeedRouter(TopKGate):
-        init_routing, logits, choose = Router.init_routing, Router.logits, Router.choose
+        init_routing, logits, choose, route = Router.init_routing, Router.logits, Router.choose, Router.route
 
         def __init__(self):
             super().__init__(config.hidden_size, num_experts, k=config.top_k, capacity_factor=config.capacity_factor,
@@ -84,11 +116,13 @@ def deepspeed_router(config: StudentConfig, num_experts: int) -> nn.Module:
     return DeepSpeedRouter()
 
 
-def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None):
-    """Top-1 routing of tokens x (S, H) as DeepSpeed's top1gating decides it, without capacity padding ->
-    chosen expert (S,), its gate value (S, 1), l_aux, tokens per expert (E,) (tokens with used_token 0 uncounted).
-    l_aux is the Switch/GShard balance loss as DeepSpeed computes it: E * sum_e mean_s(p_se) * routed_e / S."""
-    probs, choice = gate.choose(gate.logits(x))
+def route_top1(gate: nn.Module, x: torch.Tensor, used_token: torch.Tensor | None,
+               token_ids: torch.Tensor | None = None):
+    """Top-1 routing of tokens x (S, H) (token_ids (S,): their ids, for hash routing) as DeepSpeed's top1gating
+    decides it, without capacity padding -> chosen expert (S,), its gate value (S, 1), l_aux, tokens per expert
+    (E,) (tokens with used_token 0 uncounted). l_aux is the Switch/GShard balance loss as DeepSpeed computes it:
+    E * sum_e mean_s(p_se) * routed_e / S (a constant under hash routing)."""
+    probs, choice = gate.route(x, token_ids)
     num_experts = probs.size(1)
     routed = F.one_hot(choice, num_experts)
     if used_token is not None:
@@ -116,13 +150,13 @@ class _GatherRows(torch.autograd.Function):
 
 
 def sorted_dispatch(moe: nn.Module, hidden_states: torch.Tensor, used_token: torch.Tensor | None,
-                    ep_group: "dist.ProcessGroup | None" = None):
+                    ep_group: "dist.ProcessGroup | None" = None, token_ids: torch.Tensor | None = None):
     """Top-1 MoE FFN, nothing dropped, no capacity padding: `moe.gate` routes (route_top1) and tokens are grouped by
     a stable sort by expert. On one rank each group goes through its expert of `moe.experts.deepspeed_experts`;
     with an expert-parallel group the groups travel to the ranks holding their experts in exact counts
     (`exchange`). -> (output like hidden_states, l_aux, tokens per expert (E,) on this rank)."""
     x = hidden_states.reshape(-1, hidden_states.size(-1))  # (S, H)
-    choice, gate_value, l_aux, counts = route_top1(moe.gate, x, used_token)
+    choice, gate_value, l_aux, counts = route_top1(moe.gate, x, used_token, token_ids)
     # Sort tokens by expert; padding (used_token 0) gets the extra id E, sorts last and is left out.
     expert_of = choice if used_token is None else choice.masked_fill(used_token == 0, counts.numel())
     order = torch.sort(expert_of, stable=True)[1][:int(counts.sum())]
@@ -168,29 +202,38 @@ class TorchMoE(nn.Module):
     with sorted dispatch, as DeepSpeed's layer computes it on one rank. Its modules carry the names of DeepSpeed's
     layer (deepspeed_moe.gate, deepspeed_moe.experts.deepspeed_experts.E), so both share one state dict."""
 
-    def __init__(self, config: StudentConfig, num_experts: int):
+    def __init__(self, config: StudentConfig, num_experts: int, layer: int = 0):
         super().__init__()
         if config.top_k != 1 or config.drop_tokens:
             raise ValueError(f"the plain-torch MoE routes top-1 without dropping tokens (got top_k {config.top_k}, "
                              f"drop_tokens {config.drop_tokens}); build the student with deepspeed_moe=True")
         self.deepspeed_moe = nn.Module()
-        self.deepspeed_moe.gate = Router(config, num_experts)
+        self.deepspeed_moe.gate = ffn_router(config, num_experts, layer)
         self.deepspeed_moe.experts = nn.Module()
         expert = FeedForward(config)  # copies, as DeepSpeed's layer makes them (re-initialised by Student)
         self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
 
-    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
-        return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token)
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None):
+        return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token, token_ids=token_ids)
+
+
+def ffn_router(config: StudentConfig, num_experts: int, layer: int, deepspeed_moe: bool = False) -> nn.Module:
+    """Layer `layer`'s FFN router of config.routing: HashRouter, or the learned Router (as DeepSpeed's gate with
+    `deepspeed_moe`)."""
+    if config.routing == "hash":
+        return HashRouter(config, num_experts, layer)
+    return deepspeed_router(config, num_experts) if deepspeed_moe else Router(config, num_experts)
 
 
 def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deepspeed_moe: bool = False,
-                     ep_size: int = 1) -> nn.Module:
-    """`num_experts` (default: the config's) copies of FeedForward (re-initialised by Student) behind a router: the
-    plain-torch TorchMoE, or with `deepspeed_moe` DeepSpeed's classic MoE layer (the engine's training path:
-    expert parallelism over `ep_size` ranks, MoE parameter groups, expert checkpoints)."""
+                     ep_size: int = 1, layer: int = 0) -> nn.Module:
+    """`num_experts` (default: the config's) copies of FeedForward (re-initialised by Student) behind layer `layer`'s
+    router: the plain-torch TorchMoE, or with `deepspeed_moe` DeepSpeed's classic MoE layer (the engine's training
+    path: expert parallelism over `ep_size` ranks, MoE parameter groups, expert checkpoints)."""
     num_experts = num_experts or config.num_experts
     if not deepspeed_moe:
-        return TorchMoE(config, num_experts)
+        return TorchMoE(config, num_experts, layer)
     from deepspeed.moe.layer import MoE  # imported here: importing deepspeed costs ~3 s
 
     class SortedDispatchMoE(MoE):
@@ -202,18 +245,19 @@ def moe_feed_forward(config: StudentConfig, num_experts: int | None = None, deep
         loss and counts are DeepSpeed's top1gating, step for step; with token dropping or top-2 DeepSpeed's path
         runs."""
 
-        def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
+        def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None,
+                    token_ids: torch.Tensor | None = None):
             gate = self.deepspeed_moe.gate
             if gate.drop_tokens or gate.k != 1:
                 return super().forward(hidden_states, used_token)
             ep_group = self.deepspeed_moe.ep_group if self.ep_size > 1 else None
-            return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token, ep_group)
+            return sorted_dispatch(self.deepspeed_moe, hidden_states, used_token, ep_group, token_ids)
 
     block = SortedDispatchMoE(config.hidden_size, FeedForward(config), num_experts=num_experts, ep_size=ep_size,
                               k=config.top_k, capacity_factor=config.capacity_factor,
                               eval_capacity_factor=config.capacity_factor, min_capacity=0,
                               drop_tokens=config.drop_tokens, use_rts=config.drop_tokens)
-    block.deepspeed_moe.gate = deepspeed_router(config, num_experts)
+    block.deepspeed_moe.gate = ffn_router(config, num_experts, layer, deepspeed_moe=True)
     return block
 
 

@@ -55,20 +55,21 @@ class TransformerLayer(nn.Module):
         self.attention = (ExpertAttention(config) if config.attention_experts > 1
                           else SelfAttention(config, config.heads_of(index)))
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = (moe_feed_forward(config, None, deepspeed_moe, ep_size) if config.num_experts > 1
+        self.ffn = (moe_feed_forward(config, None, deepspeed_moe, ep_size, index) if config.num_experts > 1
                     else FeedForward(config, config.intermediate_size_of(index)))
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor):
-        """-> x (B, T, H), (q, k, v), attention routing and FFN routing: (aux loss, expert counts (E,)) or None."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, used_tokens: torch.Tensor, token_ids: torch.Tensor):
+        """token_ids (B*T,): for hash routing -> x (B, T, H), (q, k, v), attention routing and FFN routing: (aux
+        loss, expert counts (E,)) or None."""
         attended, qkv, attention_routing = self.attention(x, key_mask, used_tokens)
         x = self.attention_norm(x + self.dropout(attended))
         if isinstance(self.ffn, FeedForward):
             y, ffn_routing = self.ffn(x), None
         else:
             # used_tokens (B*T,) keeps padding out of the routing, the counts and the expert compute.
-            y, aux, counts = self.ffn(x, used_tokens)
+            y, aux, counts = self.ffn(x, used_tokens, token_ids)
             ffn_routing = (aux, counts)
         return self.ffn_norm(x + self.dropout(y)), qkv, attention_routing, ffn_routing
 
@@ -187,7 +188,7 @@ class Student(StudentPreTrainedModel):
         hidden = [x] if output_hidden_states else None  # kept only when asked: L more activations held
         all_qkv = [] if output_qkv else None
         for index, layer in enumerate(self.layers):
-            x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens)
+            x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens, input_ids.reshape(-1))
             if hidden is not None:
                 hidden.append(x)
             if all_qkv is not None:
