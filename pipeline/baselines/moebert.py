@@ -164,7 +164,8 @@ def convert_dir(model_dir: str, output: str, task_name: str, data_dir: str, expe
            for when, m in (("before", model), ("after", moe))}
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     summary = {"model": model_dir, "task": task.name, "experts": experts, "expert_size": expert_size, "shared": shared,
-               "routing": routing, "balance_weight": balance_weight, **dev, "params_before": count(model), "params_after": count(moe),
+               "routing": routing, "balance_weight": balance_weight, **dev,
+               "params_before": count(model), "params_after": count(moe),
                "neurons": [[e.tolist() for e in layer] for layer in neurons],
                "importance": [s.tolist() for s in scores],
                "scored_on": {"data_dir": data_dir, "max_examples": max_examples, "batch_size": batch_size,

@@ -183,12 +183,13 @@ class Student(StudentPreTrainedModel):
         wanted = None if qkv_layer is None else range(self.config.num_layers)[qkv_layer]
         key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         used_tokens = attention_mask.reshape(-1).long()  # (B*T,); int: the gate counts with it
+        token_ids = input_ids.reshape(-1)  # (B*T,): what hash routing routes by
         x = self.embeddings(input_ids, token_type_ids)
         qkv, attention_aux, ffn_aux, counts = None, [], [], []
         hidden = [x] if output_hidden_states else None  # kept only when asked: L more activations held
         all_qkv = [] if output_qkv else None
         for index, layer in enumerate(self.layers):
-            x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens, input_ids.reshape(-1))
+            x, layer_qkv, attention_routing, ffn_routing = layer(x, key_mask, used_tokens, token_ids)
             if hidden is not None:
                 hidden.append(x)
             if all_qkv is not None:
