@@ -37,9 +37,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, deepspeed, transformers; print(torch.__version__, deepspeed.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 270 python3 benchmarks/bench_accelerator.py --tokenizer "$GPU/tokenizer" --shards "$GPU"/shards128 "$GPU"/shards512 \
+timeout 240 python3 benchmarks/bench_accelerator.py --tokenizer "$GPU/tokenizer" --shards "$GPU"/shards128 "$GPU"/shards512 \
     2>&1 | tee "$OUT/bench_accelerator.md" || echo "bench_accelerator: exit $?" | tee -a "$OUT/bench_accelerator.md"
 # pytest-xdist is in the image; the tests pick free ports, so they can run side by side.
-timeout 270 python3 -m pytest -m "not slow" -q -rfE -p no:cacheprovider -n 8 --timeout 200 tests > "$OUT/tests.txt" 2>&1 \
+timeout 240 python3 -m pytest -m "not slow" -q -rfE -p no:cacheprovider -n 8 --timeout 200 tests > "$OUT/tests.txt" 2>&1 \
     || true
 tail -15 "$OUT/tests.txt"
